@@ -1,0 +1,42 @@
+"""Static configuration of one backend, as written in the `[[backends]]` table."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+
+class EngineKind(StrEnum):
+    """Engines sluiceway knows how to probe and scrape."""
+
+    LLAMACPP = "llamacpp"
+    VLLM = "vllm"
+    OPENAI = "openai"
+
+
+class BackendConfig(BaseModel):
+    """One upstream server. Unknown keys are rejected so typos fail at start-up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    kind: EngineKind = EngineKind.OPENAI
+    url: HttpUrl
+    models: tuple[str, ...] = ()
+    served_model: str = ""
+    max_concurrency: Annotated[int, Field(ge=0)] = 0
+    api_key_env: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _no_path(cls, url: HttpUrl) -> HttpUrl:
+        if url.path not in (None, "", "/"):
+            raise ValueError("give the server's base URL without a path (sluiceway adds /v1/...)")
+        return url
+
+    @property
+    def base_url(self) -> str:
+        """The URL without a trailing slash, ready to have a path appended."""
+        return str(self.url).rstrip("/")

@@ -1,0 +1,63 @@
+"""Frozen views of the pool that routing policies read.
+
+A snapshot is taken once per routing decision; it never changes after it is made and it
+holds no references to live state, so a policy can be a pure function of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Health(StrEnum):
+    UNKNOWN = "unknown"  # not probed yet: routable, so the first requests are not refused
+    HEALTHY = "healthy"
+    LOADING = "loading"  # answers, but not ready (llama.cpp 503 "Loading model")
+    DOWN = "down"  # connection refused, timeout, or a failed request on the wire
+
+    @property
+    def routable(self) -> bool:
+        return self in (Health.UNKNOWN, Health.HEALTHY)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSnapshot:
+    name: str
+    index: int  # position in the config, the tie-break of every policy
+    kind: str
+    health: Health
+    capacity: int | None  # None: not known (no cap configured, none discoverable)
+    in_flight: int
+    models: frozenset[str]
+    ttft_s: float | None  # moving estimate from routed traffic
+    decode_tok_s: float | None  # moving estimate of one stream's decode rate
+    upstream_running: int | None  # as scraped from the engine's /metrics
+    upstream_waiting: int | None
+
+    @property
+    def routable(self) -> bool:
+        return self.health.routable
+
+    @property
+    def has_room(self) -> bool:
+        return self.capacity is None or self.in_flight < self.capacity
+
+    @property
+    def load(self) -> float:
+        """In-flight over capacity; an unknown capacity counts as one slot."""
+        return self.in_flight / (self.capacity or 1)
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    backends: tuple[BackendSnapshot, ...]
+
+    def by_name(self, name: str) -> BackendSnapshot:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)

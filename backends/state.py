@@ -1,0 +1,70 @@
+"""Live, mutable state of one backend. Only the pool and the monitor write it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from backends.adapter import Adapter
+from backends.config import BackendConfig
+from backends.snapshot import BackendSnapshot, Health
+from backends.stats import BackendStats
+
+
+@dataclass(slots=True)
+class Discovered:
+    """What probing the backend found out; empty until the first successful probe."""
+
+    models: tuple[str, ...] = ()
+    max_model_len: int | None = None
+    capacity: int | None = None
+    running: int | None = None
+    waiting: int | None = None
+    metrics_available: bool = True
+
+
+@dataclass(slots=True)
+class BackendState:
+    config: BackendConfig
+    adapter: Adapter
+    index: int
+    upstream_key: str | None = None
+    health: Health = Health.UNKNOWN
+    health_detail: str = ""
+    in_flight: int = 0
+    discovered: Discovered = field(default_factory=Discovered)
+    stats: BackendStats = field(default_factory=BackendStats)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def capacity(self) -> int | None:
+        """A configured cap wins; otherwise what the engine published, if anything."""
+        return self.config.max_concurrency or self.discovered.capacity
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.config.models or self.discovered.models
+
+    @property
+    def served_model(self) -> str | None:
+        """The name sent upstream; None keeps the client's name."""
+        if self.config.served_model:
+            return self.config.served_model
+        return self.discovered.models[0] if self.discovered.models else None
+
+    def snapshot(self) -> BackendSnapshot:
+        return BackendSnapshot(
+            name=self.config.name,
+            index=self.index,
+            kind=self.config.kind.value,
+            health=self.health,
+            capacity=self.capacity,
+            in_flight=self.in_flight,
+            models=frozenset(self.models),
+            ttft_s=self.stats.ttft_s.value,
+            decode_tok_s=self.stats.decode_tok_s.value,
+            upstream_running=self.discovered.running,
+            upstream_waiting=self.discovered.waiting,
+        )

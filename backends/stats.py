@@ -1,0 +1,55 @@
+"""Moving estimates of a backend's speed, learned from the requests it served."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Ewma:
+    """Exponentially weighted moving average; `None` until the first sample."""
+
+    __slots__ = ("_alpha", "value")
+
+    def __init__(self, alpha: float) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError("alpha must be in (0, 1]")
+        self._alpha = alpha
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        if self.value is None:
+            self.value = sample
+        else:
+            self.value += self._alpha * (sample - self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    """What one finished request taught us about its backend."""
+
+    outcome: str  # ok | upstream_error | timeout | client_closed | rejected
+    ttft_s: float | None = None
+    output_tokens: int = 0
+    decode_s: float | None = None  # first content to last chunk
+
+
+class BackendStats:
+    """TTFT and per-stream decode speed, plus plain counters for the admin view."""
+
+    __slots__ = ("completed", "decode_tok_s", "failed", "ttft_s")
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.ttft_s = Ewma(alpha)
+        self.decode_tok_s = Ewma(alpha)
+        self.completed = 0
+        self.failed = 0
+
+    def record(self, result: RequestResult) -> None:
+        if result.outcome == "ok":
+            self.completed += 1
+        elif result.outcome in ("upstream_error", "timeout"):
+            self.failed += 1
+        if result.ttft_s is not None:
+            self.ttft_s.add(result.ttft_s)
+        if result.decode_s and result.output_tokens > 1:
+            self.decode_tok_s.add((result.output_tokens - 1) / result.decode_s)

@@ -1,0 +1,25 @@
+"""Routing policies and the name -> policy table."""
+
+from collections.abc import Mapping
+
+from policies.base import Decision, NoBackend, Policy, PolicyFactory, Route, RouteRequest, Wait
+from policies.least_loaded import LeastLoaded
+from policies.round_robin import RoundRobin
+from policies.spillover import Spillover
+
+POLICIES: Mapping[str, PolicyFactory] = {
+    RoundRobin.name: RoundRobin,
+    LeastLoaded.name: LeastLoaded,
+    Spillover.name: Spillover,
+}
+
+__all__ = [
+    "POLICIES",
+    "Decision",
+    "NoBackend",
+    "Policy",
+    "PolicyFactory",
+    "Route",
+    "RouteRequest",
+    "Wait",
+]

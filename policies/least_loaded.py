@@ -1,0 +1,27 @@
+"""least_loaded: the eligible backend with the lowest in-flight / capacity.
+
+Formula: minimise `in_flight / capacity` (an unknown capacity counts as 1, so such a
+backend is compared by its raw in-flight count). Tie-break: fewer in flight, then config
+order.
+"""
+
+from __future__ import annotations
+
+import random
+
+from backends.snapshot import PoolSnapshot
+from policies.base import Decision, Route, RouteRequest, eligible
+
+
+class LeastLoaded:
+    name = "least_loaded"
+
+    def __init__(self, rng: random.Random) -> None:
+        pass
+
+    def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:
+        found = eligible(request, snapshot)
+        if not isinstance(found, tuple):
+            return found
+        pick = min(found, key=lambda b: (b.load, b.in_flight, b.index))
+        return Route(pick.name)

@@ -1,0 +1,1 @@
+"""The sluiceway gateway: ASGI app, routing, forwarding, admission, metrics, CLI."""

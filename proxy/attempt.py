@@ -1,0 +1,58 @@
+"""What happened during one try of a request on one backend."""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+from backends.stats import RequestResult
+
+
+class Attempt:
+    __slots__ = (
+        "backend",
+        "ended_at",
+        "first_content_at",
+        "outcome",
+        "output_tokens",
+        "prompt_tokens",
+        "sent_at",
+        "started",
+        "status",
+    )
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.sent_at = perf_counter()
+        self.first_content_at: float | None = None
+        self.ended_at: float | None = None
+        self.started = False  # some byte of the response reached the client
+        self.status = 0  # what the client was (or will be) answered
+        self.outcome = "upstream_error"
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+
+    def end(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.ended_at = perf_counter()
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_content_at is None else self.first_content_at - self.sent_at
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended_at or perf_counter()) - self.sent_at
+
+    @property
+    def decode_s(self) -> float | None:
+        if self.first_content_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.first_content_at
+
+    def result(self) -> RequestResult:
+        return RequestResult(
+            outcome=self.outcome,
+            ttft_s=self.ttft_s,
+            output_tokens=self.output_tokens,
+            decode_s=self.decode_s,
+        )

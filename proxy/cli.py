@@ -1,0 +1,65 @@
+"""The `sluiceway` command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from proxy.app import App
+from proxy.settings import ConfigError, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sluiceway",
+        description="OpenAI-compatible routing proxy for llama.cpp and vLLM backends.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the routing proxy")
+    serve.add_argument("--config", required=True, metavar="PATH", help="TOML config file")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"sluiceway: {exc}", file=sys.stderr)
+        return 2
+    server = settings.server
+    if args.host is not None or args.port is not None:
+        server = server.model_copy(update={
+            k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
+        })
+        settings = settings.model_copy(update={"server": server})
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    config = uvicorn.Config(
+        App(settings),
+        host=server.host,
+        port=server.port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan="on",
+        access_log=False,  # sluiceway writes its own, richer, access log
+        log_level=args.log_level,
+        timeout_keep_alive=75,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

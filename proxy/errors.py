@@ -1,0 +1,109 @@
+"""Errors the proxy answers with, and their one rendering into the OpenAI error shape.
+
+Foreign exceptions (aiohttp, timeouts) are translated into these in `proxy.upstream`, the
+one boundary with the network; everything above it deals only in `ProxyError`.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class ProxyError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        *,
+        param: str | None = None,
+        retry_after_s: int | None = None,
+        outcome: str = "rejected",
+        retryable: bool = False,
+        backend_down: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+        self.outcome = outcome  # the `outcome` label this error counts under
+        self.retryable = retryable  # another backend may be tried, if nothing was sent yet
+        self.backend_down = backend_down  # the backend could not be reached at all
+
+    def body(self, anthropic: bool = False) -> bytes:
+        """OpenAI's `{"error": {...}}`, or Anthropic's shape on `/v1/messages`."""
+        if anthropic:
+            kind = "overloaded_error" if self.status == 503 else self.type
+            return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return orjson.dumps({"error": error})
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after_s is None:
+            return []
+        return [(b"retry-after", str(self.retry_after_s).encode())]
+
+
+def bad_request(message: str, param: str | None = None) -> ProxyError:
+    return ProxyError(400, message, "invalid_request_error", "invalid_request", param=param)
+
+
+def unauthorized() -> ProxyError:
+    return ProxyError(
+        401, "Invalid or missing API key.", "authentication_error", "invalid_api_key"
+    )
+
+
+def unknown_model(model: str) -> ProxyError:
+    return ProxyError(
+        404, f"The model {model!r} does not exist.", "invalid_request_error",
+        "model_not_found", param="model",
+    )
+
+
+def not_found(path: str) -> ProxyError:
+    return ProxyError(404, f"No route for {path}.", "invalid_request_error", "not_found")
+
+
+def method_not_allowed(method: str, path: str) -> ProxyError:
+    return ProxyError(
+        405, f"{method} is not allowed on {path}.", "invalid_request_error", "method_not_allowed"
+    )
+
+
+def too_large(limit_bytes: int) -> ProxyError:
+    return ProxyError(
+        413, f"Request body exceeds {limit_bytes} bytes.", "invalid_request_error",
+        "request_too_large",
+    )
+
+
+def no_capacity(reason: str, retry_after_s: int) -> ProxyError:
+    return ProxyError(
+        503, f"No backend can take the request: {reason}.", "server_error",
+        "no_capacity", retry_after_s=retry_after_s,
+    )
+
+
+def upstream_failed(
+    message: str, *, retryable: bool = True, backend_down: bool = False
+) -> ProxyError:
+    return ProxyError(
+        502, message, "server_error", "upstream_error",
+        outcome="upstream_error", retryable=retryable, backend_down=backend_down,
+    )
+
+
+def upstream_overloaded(message: str, retry_after_s: int | None) -> ProxyError:
+    return ProxyError(
+        503, message, "server_error", "upstream_overloaded", retry_after_s=retry_after_s or 1,
+        outcome="upstream_error", retryable=True,
+    )
+
+
+def upstream_timeout(message: str) -> ProxyError:
+    return ProxyError(504, message, "server_error", "upstream_timeout", outcome="timeout")

@@ -1,0 +1,175 @@
+"""Forwarding one client request: admission, attempts across backends, streaming.
+
+Before any byte reaches the client, a connection failure, a 5xx or a 429 sends the request
+to another backend (at most `max_attempts` tries, never the same backend twice). After
+that, an upstream failure ends the stream with an SSE error event. Streaming responses are
+not committed to the client until the first body bytes arrive from the upstream, so a
+backend that dies during prefill is still retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from time import perf_counter
+
+from backends.pool import Pool
+from backends.snapshot import Health
+from proxy.admission import Admission
+from proxy.asgi import Headers, Send, respond
+from proxy.attempt import Attempt
+from proxy.errors import ProxyError
+from proxy.metrics import Metrics
+from proxy.request import ClientRequest
+from proxy.sse import StreamObserver, token_counts, usage_of_body
+from proxy.upstream import Upstream, UpstreamResponse, status_error
+
+_STREAM_HEADERS: Headers = (
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        pool: Pool,
+        admission: Admission,
+        upstream: Upstream,
+        metrics: Metrics,
+        max_attempts: int,
+    ) -> None:
+        self._pool = pool
+        self._admission = admission
+        self._upstream = upstream
+        self._metrics = metrics
+        self._max_attempts = max_attempts
+
+    async def forward(self, request: ClientRequest, send: Send) -> list[Attempt]:
+        """Serve the request; return its attempts (the last one answered the client).
+
+        Raises ProxyError when the client has not been answered and must get an error.
+        """
+        attempts: list[Attempt] = []
+        last_error: ProxyError | None = None
+        for _ in range(self._max_attempts):
+            route = request.route
+            if attempts:
+                route = replace(route, exclude=frozenset(a.backend for a in attempts))
+            queued_at = perf_counter()
+            try:
+                name = await self._admission.admit(route)
+            except ProxyError:
+                if last_error is not None:
+                    raise last_error from None  # what the backends said beats "none left"
+                raise
+            self._metrics.queue_wait.observe(perf_counter() - queued_at)
+            self._metrics.decisions.labels(name, self._admission.policy_name).inc()
+            attempt = Attempt(name)
+            attempts.append(attempt)
+            try:
+                await self._try(request, attempt, send)
+                return attempts
+            except ProxyError as exc:
+                attempt.end(exc.outcome)
+                attempt.status = exc.status
+                if exc.backend_down:
+                    self._pool.set_health(name, Health.DOWN, exc.message)
+                if not exc.retryable or attempt.started:
+                    raise
+                self._metrics.retries.labels(name).inc()
+                last_error = exc
+            except asyncio.CancelledError:
+                attempt.end("client_closed")
+                raise
+            finally:
+                self._finish(request, attempt)
+        assert last_error is not None
+        raise last_error
+
+    def _finish(self, request: ClientRequest, attempt: Attempt) -> None:
+        if attempt.ended_at is None:
+            attempt.end(attempt.outcome)
+        self._pool.release(attempt.backend, attempt.result())
+        m, name = self._metrics, attempt.backend
+        m.requests.labels(name, request.endpoint.name, attempt.outcome).inc()
+        m.duration.labels(name).observe(attempt.duration_s)
+        if attempt.ttft_s is not None:
+            m.ttft.labels(name).observe(attempt.ttft_s)
+        if attempt.prompt_tokens:
+            m.prompt_tokens.labels(name).inc(attempt.prompt_tokens)
+        if attempt.output_tokens:
+            m.output_tokens.labels(name).inc(attempt.output_tokens)
+            decode_s = attempt.decode_s
+            if decode_s is not None and attempt.output_tokens > 1:
+                m.tpot.labels(name).observe(decode_s / (attempt.output_tokens - 1))
+
+    async def _try(self, request: ClientRequest, attempt: Attempt, send: Send) -> None:
+        state = self._pool[attempt.backend]
+        resp = await self._upstream.post(
+            attempt.backend,
+            state.config.base_url + request.endpoint.path,
+            request.body_for(state.served_model),
+            request.headers_for(state.upstream_key),
+        )
+        try:
+            if resp.status >= 500 or resp.status == 429:
+                raise status_error(attempt.backend, resp.status, await resp.read(),
+                                   resp.retry_after)
+            if request.stream and resp.status == 200:
+                await self._stream(request, attempt, resp, send)
+            else:
+                await self._whole(request, attempt, resp, send)
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
+
+    def _headers(self, request: ClientRequest, attempt: Attempt, content_type: str) -> Headers:
+        return (
+            (b"content-type", content_type.encode("latin-1")),
+            (b"x-sluiceway-backend", attempt.backend.encode()),
+            (b"x-request-id", request.request_id.encode("latin-1")),
+        )
+
+    async def _whole(
+        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, send: Send
+    ) -> None:
+        body = await resp.read()
+        if resp.status == 200 and b'"usage"' in body:
+            attempt.prompt_tokens, attempt.output_tokens = token_counts(usage_of_body(body))
+        attempt.status = resp.status
+        attempt.started = True
+        await respond(send, resp.status, body, self._headers(request, attempt, resp.content_type))
+        attempt.end("ok" if resp.status < 400 else "rejected")
+
+    async def _stream(
+        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, send: Send
+    ) -> None:
+        observer = StreamObserver(strip_usage=request.strip_usage)
+        first = await resp.first_chunk()
+        attempt.status = 200
+        attempt.started = True
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [*self._headers(request, attempt, resp.content_type), *_STREAM_HEADERS],
+        })
+        outcome = "ok"
+        try:
+            out = observer.feed(first, perf_counter())
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            async for chunk in resp.chunks():
+                out = observer.feed(chunk, perf_counter())
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            tail = observer.flush()
+        except ProxyError as exc:  # the upstream failed mid-stream: tell the client in-band
+            outcome = exc.outcome
+            lead = b"\n\n" if observer.mid_event else b""
+            tail = lead + b"data: " + exc.body() + b"\n\n"
+        attempt.first_content_at = observer.first_content_at
+        attempt.prompt_tokens, attempt.output_tokens = token_counts(observer.usage())
+        attempt.end(outcome)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -1,0 +1,58 @@
+"""Everything the app owns between start-up and shutdown, built in the ASGI lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import aiohttp
+
+from backends.monitor import Monitor
+from backends.pool import Pool
+from policies import POLICIES
+from proxy.admission import Admission
+from proxy.forward import Forwarder
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.upstream import Upstream, make_session
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = Pool(settings.backends)
+        routing = settings.routing
+        self.policy = POLICIES[routing.policy](random.Random())
+        self.admission = Admission(
+            self.pool, self.policy, routing.queue_size, routing.queue_timeout_s
+        )
+        self.metrics = Metrics(self.pool, lambda: self.admission.depth)
+        self._data = make_session(settings.timeouts)
+        self._control = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=settings.health.timeout_s)
+        )
+        self.forwarder = Forwarder(
+            self.pool, self.admission, Upstream(self._data, settings.timeouts),
+            self.metrics, routing.max_attempts,
+        )
+        self.monitor = Monitor(
+            self.pool, self._control, settings.health.interval_s, settings.health.timeout_s
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Gateway:
+        gateway = cls(settings)
+        await gateway.monitor.probe_all()  # know who is up before taking traffic
+        gateway._tasks.append(asyncio.create_task(gateway.monitor.run(), name="monitor"))
+        return gateway
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._data.close()
+        await self._control.close()

@@ -1,0 +1,104 @@
+"""Prometheus metrics, on a registry of the app's own (one per app instance).
+
+Per-request metrics are recorded once per attempt, after it ends, never per chunk. Gauges
+of live state (in flight, capacity, health, queue depth) are read from the pool when
+scraped, so the hot path never touches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from backends.pool import Pool
+from backends.snapshot import Health
+
+# Prefill of a long prompt on a busy llama.cpp can take minutes: buckets reach 300 s.
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300,
+)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, pool: Pool, queue_depth: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "sluiceway_requests", "Requests sent to a backend (one per attempt), by outcome.",
+            ["backend", "endpoint", "outcome"], registry=r,
+        )
+        self.ttft = Histogram(
+            "sluiceway_ttft_seconds", "Time from sending upstream to the first content.",
+            ["backend"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "sluiceway_request_duration_seconds", "Time from sending upstream to the end.",
+            ["backend"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "sluiceway_time_per_output_token_seconds",
+            "Decode time per output token after the first.",
+            ["backend"], buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "sluiceway_prompt_tokens", "Prompt tokens reported by backends.", ["backend"],
+            registry=r,
+        )
+        self.output_tokens = Counter(
+            "sluiceway_output_tokens", "Output tokens reported by backends.", ["backend"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "sluiceway_queue_wait_seconds", "Time a request waited for a backend with room.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.decisions = Counter(
+            "sluiceway_routing_decisions", "Backends chosen by the routing policy.",
+            ["backend", "policy"], registry=r,
+        )
+        self.retries = Counter(
+            "sluiceway_retries", "Attempts that failed before any byte reached the client "
+            "and were retried on another backend, by the backend that failed.",
+            ["backend"], registry=r,
+        )
+        r.register(_LiveState(pool, queue_depth))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveState(Collector):
+    def __init__(self, pool: Pool, queue_depth: Callable[[], int]) -> None:
+        self._pool = pool
+        self._queue_depth = queue_depth
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "sluiceway_backend_in_flight", "Requests the proxy has in flight.", labels=["backend"]
+        )
+        capacity = GaugeMetricFamily(
+            "sluiceway_backend_capacity", "Concurrency cap (configured or discovered); "
+            "absent while unknown.", labels=["backend"],
+        )
+        healthy = GaugeMetricFamily(
+            "sluiceway_backend_healthy", "1 when the last probe found the backend ready.",
+            labels=["backend"],
+        )
+        for state in self._pool:
+            in_flight.add_metric([state.name], state.in_flight)
+            if state.capacity is not None:
+                capacity.add_metric([state.name], state.capacity)
+            healthy.add_metric([state.name], 1.0 if state.health is Health.HEALTHY else 0.0)
+        yield in_flight
+        yield capacity
+        yield healthy
+        yield GaugeMetricFamily(
+            "sluiceway_queue_depth", "Requests waiting for a backend with room.",
+            value=self._queue_depth(),
+        )

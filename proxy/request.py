@@ -1,0 +1,131 @@
+"""Parsing a client request once, and building what is sent upstream for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from policies import RouteRequest
+from proxy.errors import bad_request
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    path: str
+    name: str  # the `endpoint` metric label
+    asks_usage: bool = False  # streams carry usage only when asked (chat, completions)
+    anthropic: bool = False  # errors in Anthropic's shape
+
+
+ROUTED: dict[str, Endpoint] = {
+    e.path: e
+    for e in (
+        Endpoint("/v1/chat/completions", "chat", asks_usage=True),
+        Endpoint("/v1/completions", "completions", asks_usage=True),
+        Endpoint("/v1/embeddings", "embeddings"),
+        Endpoint("/v1/responses", "responses"),
+        Endpoint("/v1/messages", "messages", anthropic=True),
+        Endpoint("/v1/messages/count_tokens", "count_tokens", anthropic=True),
+    )
+}
+
+# Client headers never sent upstream: hop-by-hop ones, the proxy's own credentials, and
+# the ones aiohttp computes itself.
+_DROPPED = frozenset({
+    "host", "content-length", "authorization", "x-api-key", "connection", "keep-alive",
+    "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
+    "proxy-connection", "accept-encoding", "cookie", "expect",
+})
+_AFFINITY_HEADERS = (b"x-session-id", b"session_id", b"session-id", b"conversation_id")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    endpoint: Endpoint
+    request_id: str
+    payload: dict[str, Any]
+    raw: bytes
+    stream: bool
+    strip_usage: bool  # sluiceway asked the upstream for usage; the client did not
+    headers: dict[str, str]  # what is forwarded upstream
+    route: RouteRequest
+
+    def body_for(self, served_model: str | None) -> bytes:
+        """The body for one backend: its model name, and a usage request on streams."""
+        if not self.strip_usage and (served_model is None or served_model == self.route.model):
+            return self.raw
+        payload = dict(self.payload)
+        if served_model is not None:
+            payload["model"] = served_model
+        if self.strip_usage:
+            options = payload.get("stream_options")
+            payload["stream_options"] = {
+                **(options if isinstance(options, dict) else {}), "include_usage": True
+            }
+        return orjson.dumps(payload)
+
+    def headers_for(self, upstream_key: str | None) -> dict[str, str]:
+        if upstream_key is None:
+            return self.headers
+        return {**self.headers, "Authorization": f"Bearer {upstream_key}"}
+
+
+def parse(
+    endpoint: Endpoint, raw: bytes, headers: list[tuple[bytes, bytes]], request_id: str
+) -> ClientRequest:
+    """Validate the body (400 on any problem) and derive the routing request."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise bad_request("Request body must be a JSON object.")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("Missing required parameter: 'model'.", param="model")
+    stream = payload.get("stream") is True
+    options = payload.get("stream_options")
+    client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    max_tokens = next(
+        (payload[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+         if isinstance(payload.get(k), int)),
+        None,
+    )
+    forwarded = {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in headers
+        if name.decode("latin-1") not in _DROPPED
+    }
+    forwarded["x-request-id"] = request_id
+    forwarded["accept-encoding"] = "identity"
+    route = RouteRequest(
+        endpoint=endpoint.name,
+        model=model,
+        stream=stream,
+        max_tokens=max_tokens,
+        prompt_chars=len(raw),
+        affinity_key=_affinity_key(payload, headers),
+    )
+    return ClientRequest(
+        endpoint=endpoint,
+        request_id=request_id,
+        payload=payload,
+        raw=raw,
+        stream=stream,
+        strip_usage=stream and endpoint.asks_usage and not client_wants_usage,
+        headers=forwarded,
+        route=route,
+    )
+
+
+def _affinity_key(payload: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name in _AFFINITY_HEADERS and value:
+            return value.decode("latin-1")
+    for field in ("prompt_cache_key", "user"):
+        key = payload.get(field)
+        if isinstance(key, str) and key:
+            return key
+    return None

@@ -1,0 +1,60 @@
+"""Bodies of the proxy's own (not forwarded) endpoints."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from backends.pool import Pool
+from backends.snapshot import Health
+
+_STARTED = int(time.time())
+
+
+def models(pool: Pool) -> bytes:
+    """`/v1/models`: every model name and alias the pool serves."""
+    data: list[dict[str, Any]] = []
+    for name, states in pool.models().items():
+        entry: dict[str, Any] = {
+            "id": name, "object": "model", "created": _STARTED, "owned_by": "sluiceway",
+        }
+        lengths = [s.discovered.max_model_len for s in states if s.discovered.max_model_len]
+        if lengths:
+            entry["max_model_len"] = min(lengths)
+        data.append(entry)
+    return orjson.dumps({"object": "list", "data": data})
+
+
+def ready(pool: Pool) -> tuple[int, bytes]:
+    healthy = [s.name for s in pool if s.health is Health.HEALTHY]
+    status = 200 if healthy else 503
+    return status, orjson.dumps({"ready": bool(healthy), "healthy_backends": healthy})
+
+
+def admin_backends(pool: Pool, policy: str, queue_depth: int) -> bytes:
+    backends = []
+    for s in pool:
+        backends.append({
+            "name": s.name,
+            "kind": s.config.kind.value,
+            "url": s.config.base_url,
+            "models": list(s.models),
+            "served_model": s.served_model,
+            "health": s.health.value,
+            "health_detail": s.health_detail,
+            "capacity": s.capacity,
+            "capacity_source": "config" if s.config.max_concurrency else (
+                "discovered" if s.discovered.capacity else None
+            ),
+            "in_flight": s.in_flight,
+            "upstream_running": s.discovered.running,
+            "upstream_waiting": s.discovered.waiting,
+            "max_model_len": s.discovered.max_model_len,
+            "ttft_s": s.stats.ttft_s.value,
+            "decode_tok_s": s.stats.decode_tok_s.value,
+            "completed": s.stats.completed,
+            "failed": s.stats.failed,
+        })
+    return orjson.dumps({"policy": policy, "queue_depth": queue_depth, "backends": backends})

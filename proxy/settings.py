@@ -1,0 +1,119 @@
+"""Settings: a TOML file, overridden key by key by `SLUICEWAY_<SECTION>__<KEY>` env vars.
+
+Every problem is reported as `ConfigError` naming the offending key, before anything starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from backends.config import BackendConfig
+from policies import POLICIES
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who wrote the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    api_keys: tuple[str, ...] = ()
+    max_body_mb: PositiveFloat = 32
+    access_log: bool = True  # one JSON line per request on stderr
+
+
+class RoutingSettings(_Section):
+    policy: str = "least_loaded"
+    max_attempts: Annotated[int, Field(ge=1, le=16)] = 3
+    queue_size: Annotated[int, Field(ge=0)] = 1024
+    queue_timeout_s: PositiveFloat = 30
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+        return name
+
+
+class HealthSettings(_Section):
+    interval_s: PositiveFloat = 5
+    timeout_s: PositiveFloat = 2
+
+
+class TimeoutSettings(_Section):
+    """Upstream timeouts. Prefill of a long prompt can take minutes, hence first_byte_s."""
+
+    connect_s: PositiveFloat = 5
+    first_byte_s: PositiveFloat = 600
+    idle_s: PositiveFloat = 120
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICEWAY_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    routing: RoutingSettings = RoutingSettings()
+    health: HealthSettings = HealthSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
+    backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_names(cls, backends: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
+        names = [b.name for b in backends]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(duplicates)}")
+        return backends
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # env beats the file
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate a config file; raise ConfigError with a readable message."""
+    path = Path(path)
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid configuration\n{_explain(exc)}") from exc
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)

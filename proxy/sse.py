@@ -1,0 +1,114 @@
+"""Watching a server-sent-event stream on its way through, without re-encoding it.
+
+Chunks go to the client as they arrived. The observer only
+- notes when the first generated content passed (a byte pattern search, stopped once found),
+- keeps references to the last few chunks so `usage` can be parsed once, at the end,
+- and, when sluiceway itself asked the upstream for usage, removes that extra usage event.
+  Only in that mode is forwarding aligned to event boundaries (a partial trailing event is
+  held back until its end arrives).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any
+
+import orjson
+
+# Generated output in any of the streamed shapes: chat (content, reasoning, tool calls),
+# completions (text), Responses (delta), Anthropic (text_delta / partial_json).
+_CONTENT = re.compile(
+    rb'"(?:content|text|reasoning_content|reasoning|delta|partial_json)":\s*"[^"]'
+    rb'|"tool_calls":\s*\[\s*\{'
+)
+_USAGE_ONLY_EVENT = re.compile(rb'"choices":\s*\[\s*\]')
+_TAIL_CHUNKS = 8
+
+
+def event_end(data: bytes) -> int:
+    """Index just past the last complete SSE event in `data`, or 0 if there is none."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class StreamObserver:
+    __slots__ = ("_pending", "_strip_usage", "_tail", "first_content_at", "mid_event")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self._strip_usage = strip_usage
+        self._pending = b""
+        self._tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        self.first_content_at: float | None = None
+        self.mid_event = False  # the client has seen part of an event but not its end
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """Take one upstream chunk; return the bytes to send on (possibly empty)."""
+        if self.first_content_at is None and _CONTENT.search(chunk):
+            self.first_content_at = now
+        self._tail.append(chunk)
+        if self._strip_usage:
+            return self._strip(chunk)
+        self.mid_event = not chunk.endswith(b"\n")
+        return chunk
+
+    def flush(self) -> bytes:
+        """Whatever was held back, at the normal end of the stream."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def usage(self) -> dict[str, Any] | None:
+        """The last `usage` object in the stream, if any."""
+        tail = b"".join(self._tail)
+        at = tail.rfind(b'"usage":{')
+        if at < 0:
+            return None
+        start = tail.rfind(b"data:", 0, at)
+        end = tail.find(b"\n", at)
+        try:
+            event = orjson.loads(tail[start + 5 : end if end >= 0 else len(tail)])
+        except orjson.JSONDecodeError:
+            return None
+        return _find_usage(event)
+
+    def _strip(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        cut = event_end(data)
+        complete, self._pending = data[:cut], data[cut:]
+        if b'"usage"' not in complete or not _USAGE_ONLY_EVENT.search(complete):
+            return complete
+        events = re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", complete)
+        return b"".join(e for e in events if not _is_usage_only(e))
+
+
+def _is_usage_only(event: bytes) -> bool:
+    return b'"usage"' in event and _USAGE_ONLY_EVENT.search(event) is not None
+
+
+def _find_usage(event: Any) -> dict[str, Any] | None:
+    """`usage` at the top level, or inside `response` / `message` (Responses, Anthropic)."""
+    if not isinstance(event, dict):
+        return None
+    for holder in (event, event.get("response"), event.get("message")):
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            usage: dict[str, Any] = holder["usage"]
+            return usage
+    return None
+
+
+def token_counts(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """(prompt, output) tokens from an OpenAI, Responses or Anthropic usage object."""
+    if not usage:
+        return 0, 0
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    output = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    return (prompt if isinstance(prompt, int) else 0, output if isinstance(output, int) else 0)
+
+
+def usage_of_body(body: bytes) -> dict[str, Any] | None:
+    """`usage` of a whole (non-streamed) JSON reply."""
+    try:
+        return _find_usage(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None

@@ -1,0 +1,199 @@
+"""A small OpenAI-compatible server for the gateway's integration tests.
+
+Run as `python -m tests.upstream_server --port N [...]`. It streams like llama.cpp/vLLM
+(role chunk, content chunks, optional usage chunk with empty choices, [DONE]), keeps
+counts of what it saw under GET /_stats, and takes faults through POST /_control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import uvicorn
+
+
+class Upstream:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self.active = 0
+        self.max_active = 0
+        self.requests = 0
+        self.disconnects: list[float] = []
+        self.last_body: dict[str, Any] = {}
+        self.last_headers: dict[str, str] = {}
+        self.fail_status = 0
+        self.fail_count = 0
+        self.die_after_chunks = -1
+        self.token_delay_s = args.token_delay_ms / 1000
+        self.first_delay_s = args.first_delay_ms / 1000
+
+    def loading(self) -> bool:
+        return time.monotonic() - self.started < self.args.loading_s
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        if self.loading() and not path.startswith("/_"):
+            return await _json(send, 503, {"error": {"message": "Loading model",
+                                                     "type": "unavailable_error", "code": 503}})
+        if path == "/health":
+            return await _json(send, 200, {"status": "ok"})
+        if path == "/v1/models":
+            return await _json(send, 200, {"object": "list", "data": [
+                {"id": self.args.model, "object": "model", "max_model_len": 4096}]})
+        if path == "/props" and self.args.slots:
+            return await _json(send, 200, {"total_slots": self.args.slots})
+        if path == "/metrics" and self.args.slots:
+            text = (f"llamacpp:requests_processing {self.active}\n"
+                    "llamacpp:requests_deferred 0\n")
+            return await _send(send, 200, text.encode(), b"text/plain; version=0.0.4")
+        if path == "/_stats":
+            return await _json(send, 200, {
+                "active": self.active, "max_active": self.max_active, "requests": self.requests,
+                "disconnects": self.disconnects, "last_body": self.last_body,
+                "last_headers": self.last_headers, "now": time.time(),
+            })
+        if path == "/_control":
+            self._control(orjson.loads(body))
+            return await _json(send, 200, {"ok": True})
+        if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                    "/v1/responses", "/v1/messages"):
+            await self._generate(scope, receive, send, path, orjson.loads(body))
+            return None
+        return await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
+
+    def _control(self, control: dict[str, Any]) -> None:
+        self.fail_status = control.get("fail_status", self.fail_status)
+        self.fail_count = control.get("fail_count", self.fail_count)
+        self.die_after_chunks = control.get("die_after_chunks", self.die_after_chunks)
+        if "token_delay_ms" in control:
+            self.token_delay_s = control["token_delay_ms"] / 1000
+        if "first_delay_ms" in control:
+            self.first_delay_s = control["first_delay_ms"] / 1000
+        if control.get("reset"):
+            self.max_active, self.requests, self.disconnects = self.active, 0, []
+
+    async def _generate(self, scope: Any, receive: Any, send: Any, path: str,
+                        req: dict[str, Any]) -> None:
+        self.requests += 1
+        self.last_body = req
+        self.last_headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        if self.fail_count:
+            self.fail_count -= 1
+            await _json(send, self.fail_status, {"error": {
+                "message": f"injected {self.fail_status}", "type": "server_error",
+                "code": self.fail_status}}, [(b"retry-after", b"1")])
+            return
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await self._answer(receive, send, path, req)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, receive: Any, send: Any, path: str, req: dict[str, Any]) -> None:
+        n = int(req.get("max_tokens") or req.get("max_completion_tokens") or 8)
+        prompt_tokens = len(orjson.dumps(req.get("messages") or req.get("prompt") or "")) // 4
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                 "total_tokens": prompt_tokens + n}
+        chat = path == "/v1/chat/completions"
+        await asyncio.sleep(self.first_delay_s)
+        if path == "/v1/embeddings":
+            await _json(send, 200, {"object": "list", "model": req["model"], "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+            return
+        if not req.get("stream"):
+            await asyncio.sleep(self.token_delay_s * n)
+            text = " ".join(f"tok{i}" for i in range(n))
+            choice: dict[str, Any] = (
+                {"index": 0, "message": {"role": "assistant", "content": text},
+                 "finish_reason": "length"} if chat else
+                {"index": 0, "text": text, "finish_reason": "length"})
+            await _json(send, 200, {"id": "cmpl-1", "object": "chat.completion" if chat
+                                    else "text_completion", "model": req["model"],
+                                    "choices": [choice], "usage": usage,
+                                    "served_by": self.args.name})
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.disconnects.append(time.time())
+            disconnected.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            for i in range(n):
+                if disconnected.is_set():
+                    return
+                if i == self.die_after_chunks:
+                    raise ConnectionAbortedError("injected death mid-stream")
+                delta: dict[str, Any] = {"content": f"tok{i} "}
+                if i == 0:
+                    delta["role"] = "assistant"
+                choice = ({"index": 0, "delta": delta, "finish_reason": None} if chat
+                          else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
+                await _event(send, {"id": "c1", "model": req["model"], "choices": [choice]})
+                await asyncio.sleep(self.token_delay_s)
+            options = req.get("stream_options") or {}
+            if options.get("include_usage"):
+                await _event(send, {"id": "c1", "model": req["model"], "choices": [],
+                                    "usage": usage})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        finally:
+            watcher.cancel()
+
+
+async def _event(send: Any, data: dict[str, Any]) -> None:
+    await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(data) + b"\n\n",
+                "more_body": True})
+
+
+async def _send(send: Any, status: int, body: bytes, ctype: bytes,
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype), *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Any, status: int, data: Any,
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await _send(send, status, orjson.dumps(data), b"application/json", extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="upstream")
+    parser.add_argument("--model", default="test-model")
+    parser.add_argument("--slots", type=int, default=0, help="publish /props total_slots")
+    parser.add_argument("--token-delay-ms", type=float, default=0)
+    parser.add_argument("--first-delay-ms", type=float, default=0)
+    parser.add_argument("--loading-s", type=float, default=0)
+    args = parser.parse_args()
+    uvicorn.run(Upstream(args), host="127.0.0.1", port=args.port, log_level="warning",
+                lifespan="on")
+
+
+if __name__ == "__main__":
+    main()

@@ -62,7 +62,8 @@ class Admission:
         waiter = _Waiter(request)
         self._waiters.append(waiter)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await waiter.future
         except TimeoutError:
             self._forget(waiter)
             raise no_capacity(
@@ -83,26 +84,27 @@ class Admission:
             self._waiters.remove(waiter)
 
     def _dispatch(self) -> None:
+        """Admit, in arrival order, every waiter that fits the pool as it is now."""
         if not self._waiters:
             return
         still_waiting: deque[_Waiter] = deque()
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        # Admitting only removes room, so once a (model, exclude) pair had to wait in this
+        # pass, every later waiter with the same pair must wait too: no need to ask again.
+        blocked: set[tuple[str, frozenset[str]]] = set()
+        for waiter in self._waiters:
             if waiter.future.done():
                 continue
-            snapshot = self._pool.snapshot()
-            if not any(b.routable and b.has_room for b in snapshot.backends):
+            key = (waiter.request.model, waiter.request.exclude)
+            if key in blocked:
                 still_waiting.append(waiter)
-                still_waiting.extend(self._waiters)
-                self._waiters.clear()
-                break
-            decision = self._policy.choose(waiter.request, snapshot)
+                continue
+            decision = self._policy.choose(waiter.request, self._pool.snapshot())
             if isinstance(decision, Route):
                 self._pool.acquire(decision.backend)
                 waiter.future.set_result(decision.backend)
             elif isinstance(decision, NoBackend):
                 waiter.future.set_exception(no_capacity(decision.reason, RETRY_AFTER_S))
             else:
+                blocked.add(key)
                 still_waiting.append(waiter)
         self._waiters = still_waiting
-

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -8,46 +8,51 @@ import pytest
 
 from tests.processes import Server, free_port, write_config
 
-StartUpstream = Callable[..., Server]
-StartProxy = Callable[..., Server]
 
+class Launcher:
+    """Starts real servers on 127.0.0.1 and stops every one of them at teardown."""
 
-@pytest.fixture
-def start_upstream(tmp_path: Path) -> Iterator[StartUpstream]:
-    """Start `tests.upstream_server` processes; all are stopped after the test."""
-    servers: list[Server] = []
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.servers: list[Server] = []
 
-    def start(name: str = "up", wait: bool = True, **options: Any) -> Server:
+    def upstream(self, name: str = "up", wait: bool = True, **options: Any) -> Server:
+        """A `tests.upstream_server` process; options become its command-line flags."""
         port = free_port()
         args = ["-m", "tests.upstream_server", "--port", str(port), "--name", name]
         for key, value in options.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
-        server = Server(args, port, tmp_path / f"upstream-{name}-{port}.log")
-        servers.append(server)
+        server = Server(args, port, self.workdir / f"upstream-{name}-{port}.log")
+        self.servers.append(server)
         return server.wait_listening() if wait else server
 
-    yield start
-    for server in servers:
-        server.stop()
+    def proxy(self, backends: list[dict[str, Any]], **sections: dict[str, Any]) -> Server:
+        """`sluiceway serve` with a config file built from the arguments."""
+        port = free_port()
+        sections.setdefault("health", {"interval_s": 0.5, "timeout_s": 1})
+        config = write_config(self.workdir / f"proxy-{port}.toml", sections, backends)
+        server = Server(["-m", "proxy.cli", "serve", "--config", str(config), "--port",
+                         str(port)], port, self.workdir / f"proxy-{port}.log")
+        self.servers.append(server)
+        return server.wait_listening()
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
-    """Start `sluiceway serve` with a config built from the arguments."""
-    servers: list[Server] = []
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path)
+    yield launcher
+    launcher.stop_all()
 
-    def start(backends: list[dict[str, Any]], **sections: dict[str, Any]) -> Server:
-        port = free_port()
-        sections.setdefault("health", {"interval_s": 0.5, "timeout_s": 1})
-        config = write_config(tmp_path / f"proxy-{port}.toml", sections, backends)
-        server = Server(["-m", "proxy.cli", "serve", "--config", str(config), "--port",
-                         str(port)], port, tmp_path / f"proxy-{port}.log")
-        servers.append(server)
-        return server.wait_listening()
 
-    yield start
-    for server in servers:
-        server.stop()
+@pytest.fixture(scope="module")
+def module_launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path_factory.mktemp("servers"))
+    yield launcher
+    launcher.stop_all()
 
 
 def backend(name: str, server: Server | str, **extra: Any) -> dict[str, Any]:

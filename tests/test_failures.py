@@ -1,0 +1,188 @@
+"""Failover, backends dying under load, client disconnects and upstream timeouts."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import Launcher, backend
+from tests.processes import free_port
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+def client(url: str, timeout: float = 30) -> OpenAI:
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+def metric(url: str, line_start: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_backend_down_from_the_start_is_never_used(launch: Launcher) -> None:
+    live = launch.upstream("live")
+    proxy = launch.proxy([backend("dead", f"http://127.0.0.1:{free_port()}", models=["m"]),
+                          backend("live", live, models=["m"])], routing={"policy": "spillover"})
+    for _ in range(3):
+        raw = client(proxy.url).chat.completions.with_raw_response.create(
+            model="m", messages=MSG, max_tokens=2)
+        assert raw.headers["x-sluiceway-backend"] == "live"
+
+
+def test_connect_error_fails_over_and_marks_the_backend_down(launch: Launcher) -> None:
+    doomed = launch.upstream("doomed")
+    live = launch.upstream("live")
+    proxy = launch.proxy(
+        [backend("doomed", doomed, models=["m"]), backend("live", live, models=["m"])],
+        routing={"policy": "spillover"}, health={"interval_s": 60, "timeout_s": 1},
+    )
+    doomed.kill()  # the proxy still believes it healthy: the next probe is a minute away
+    raw = client(proxy.url).chat.completions.with_raw_response.create(
+        model="m", messages=MSG, max_tokens=2)
+    assert raw.headers["x-sluiceway-backend"] == "live"
+    assert metric(proxy.url, 'sluiceway_retries_total{backend="doomed"}') == 1
+    admin = {b["name"]: b for b in httpx.get(proxy.url + "/admin/backends").json()["backends"]}
+    assert admin["doomed"]["health"] == "down"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_500_before_streaming_is_retried_elsewhere(launch: Launcher, stream: bool) -> None:
+    flaky = launch.upstream("flaky")
+    good = launch.upstream("good")
+    proxy = launch.proxy([backend("flaky", flaky, models=["m"]),
+                          backend("good", good, models=["m"])], routing={"policy": "spillover"})
+    flaky.post("/_control", {"fail_status": 500, "fail_count": 1})
+    raw = client(proxy.url).chat.completions.with_raw_response.create(
+        model="m", messages=MSG, max_tokens=3, stream=stream)
+    assert raw.headers["x-sluiceway-backend"] == "good"
+    if stream:
+        assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert flaky.get("/_stats")["requests"] == 1
+    assert metric(proxy.url, 'sluiceway_retries_total{backend="flaky"}') == 1
+    assert metric(proxy.url, 'sluiceway_requests_total{backend="flaky",endpoint="chat",'
+                             'outcome="upstream_error"}') == 1
+
+
+def test_every_backend_failing_gives_502_in_openai_shape(launch: Launcher) -> None:
+    a = launch.upstream("a")
+    b = launch.upstream("b")
+    proxy = launch.proxy([backend("a", a, models=["m"]), backend("b", b, models=["m"])])
+    for upstream in (a, b):
+        upstream.post("/_control", {"fail_status": 500, "fail_count": 5})
+    with pytest.raises(openai.InternalServerError) as err:
+        client(proxy.url).chat.completions.create(model="m", messages=MSG, max_tokens=2)
+    assert err.value.status_code == 502
+    body = err.value.response.json()
+    assert body["error"]["type"] == "server_error" and body["error"]["code"] == "upstream_error"
+    assert "injected 500" in body["error"]["message"]
+    assert a.get("/_stats")["requests"] == 1 and b.get("/_stats")["requests"] == 1
+
+
+def test_overloaded_backends_give_503_with_retry_after(launch: Launcher) -> None:
+    a = launch.upstream("a")
+    proxy = launch.proxy([backend("a", a, models=["m"])])
+    a.post("/_control", {"fail_status": 429, "fail_count": 1})
+    resp = httpx.post(proxy.url + "/v1/chat/completions",
+                      json={"model": "m", "messages": MSG, "max_tokens": 1})
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert resp.json()["error"]["code"] == "upstream_overloaded"
+
+
+def test_no_request_lost_while_a_backend_is_killed_under_load(launch: Launcher) -> None:
+    a = launch.upstream("a", token_delay_ms=20)
+    b = launch.upstream("b", token_delay_ms=20)
+    proxy = launch.proxy([backend("a", a, models=["m"]), backend("b", b, models=["m"])],
+                         routing={"queue_timeout_s": 20})
+    sdk = client(proxy.url)
+
+    def one(i: int) -> str:
+        stream = i % 2 == 0
+        try:
+            if not stream:
+                reply = sdk.chat.completions.create(model="m", messages=MSG, max_tokens=30)
+                assert reply.choices[0].message.content
+                return "ok"
+            text = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
+                model="m", messages=MSG, max_tokens=30, stream=True) if c.choices)
+            assert text.count("tok") == 30
+            return "ok"
+        except openai.APIError as exc:  # a stream cut mid-way must end with an error event
+            assert stream and not isinstance(exc, openai.APIConnectionError), exc
+            return "stream-error"
+
+    with ThreadPoolExecutor(48) as workers:
+        futures = [workers.submit(one, i) for i in range(48)]
+        time.sleep(0.3)
+        a.kill()
+        results = [f.result(timeout=60) for f in futures]
+    assert len(results) == 48
+    assert all(r in ("ok", "stream-error") for r in results)
+    # every non-streaming request succeeded: nothing had reached those clients yet
+    assert results[1::2] == ["ok"] * 24
+    after = sdk.chat.completions.with_raw_response.create(model="m", messages=MSG, max_tokens=1)
+    assert after.headers["x-sluiceway-backend"] == "b"
+
+
+def test_upstream_death_mid_stream_ends_with_an_sse_error_event(launch: Launcher) -> None:
+    a = launch.upstream("a")
+    proxy = launch.proxy([backend("a", a, models=["m"])])
+    a.post("/_control", {"die_after_chunks": 3})
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={
+            "model": "m", "messages": MSG, "max_tokens": 10, "stream": True}) as resp:
+        assert resp.status_code == 200
+        events = [line for line in resp.iter_lines() if line.startswith("data:")]
+    assert len(events) == 4 and '"error"' in events[-1] and "[DONE]" not in events[-1]
+    with pytest.raises(openai.APIError):
+        list(client(proxy.url).chat.completions.create(model="m", messages=MSG,
+                                                       max_tokens=10, stream=True))
+
+
+def test_client_disconnect_reaches_the_upstream_within_a_second(launch: Launcher) -> None:
+    a = launch.upstream("a", token_delay_ms=100)
+    proxy = launch.proxy([backend("a", a, models=["m"], max_concurrency=1)])
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={
+            "model": "m", "messages": MSG, "max_tokens": 200, "stream": True}) as resp:
+        lines = resp.iter_lines()
+        while not next(lines).startswith("data:"):
+            pass
+    closed_at = time.time()
+    deadline = time.monotonic() + 3
+    while not a.get("/_stats")["disconnects"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    disconnects = a.get("/_stats")["disconnects"]
+    assert disconnects, "the upstream never saw the disconnect"
+    assert disconnects[0] - closed_at < 1.0
+    # the slot is free again: a new request is admitted at once, not queued
+    started = time.monotonic()
+    client(proxy.url, timeout=10).chat.completions.create(model="m", messages=MSG, max_tokens=1)
+    assert time.monotonic() - started < 2
+    assert metric(proxy.url, 'sluiceway_requests_total{backend="a",endpoint="chat",'
+                             'outcome="client_closed"}') == 1
+
+
+def test_first_byte_timeout_gives_504(launch: Launcher) -> None:
+    a = launch.upstream("a", first_delay_ms=3000)
+    proxy = launch.proxy([backend("a", a, models=["m"])], timeouts={"first_byte_s": 0.5})
+    resp = httpx.post(proxy.url + "/v1/chat/completions",
+                      json={"model": "m", "messages": MSG, "max_tokens": 1}, timeout=10)
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "upstream_timeout"
+    assert metric(proxy.url, 'sluiceway_requests_total{backend="a",endpoint="chat",'
+                             'outcome="timeout"}') == 1
+
+
+def test_idle_timeout_mid_stream_ends_with_an_error_event(launch: Launcher) -> None:
+    a = launch.upstream("a", token_delay_ms=1500)
+    proxy = launch.proxy([backend("a", a, models=["m"])], timeouts={"idle_s": 0.4})
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={
+            "model": "m", "messages": MSG, "max_tokens": 5, "stream": True}, timeout=10) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data:")]
+    assert '"upstream_timeout"' in events[-1]

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import ConfigError, load_settings
+from tests.processes import ROOT
+
+GOOD = """
+[routing]
+policy = "spillover"
+queue_size = 5
+[[backends]]
+name = "llama"
+kind = "llamacpp"
+url = "http://127.0.0.1:8080"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_file_values(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, GOOD))
+    assert s.routing.policy == "spillover" and s.routing.queue_size == 5
+    assert s.routing.max_attempts == 3 and s.server.port == 8000
+    assert s.timeouts.first_byte_s >= 600  # long prefill must not time out by default
+    assert s.backends[0].kind == "llamacpp" and s.backends[0].max_concurrency == 0
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICEWAY_ROUTING__POLICY", "round_robin")
+    monkeypatch.setenv("SLUICEWAY_SERVER__PORT", "9123")
+    s = load_settings(write(tmp_path, GOOD))
+    assert s.routing.policy == "round_robin" and s.server.port == 9123
+    assert s.routing.queue_size == 5  # the rest of the section still comes from the file
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    (GOOD.replace('policy = "spillover"', 'policy = "fastest"'), "routing.policy"),
+    (GOOD.replace("queue_size = 5", "queue_sise = 5"), "routing.queue_sise: unknown key"),
+    (GOOD.replace('kind = "llamacpp"', 'kind = "tgi"'), "backends.0.kind"),
+    (GOOD.replace("8080", "8080/v1"), "backends.0.url"),
+    (GOOD + '[[backends]]\nname = "llama"\nurl = "http://127.0.0.1:1"\n', "repeated: llama"),
+    ("[server]\nport = 1\n", "backends"),
+    (GOOD + "[server]\nport = 70000\n", "server.port"),
+    (GOOD.replace("queue_size = 5", "queue_size = -1"), "routing.queue_size"),
+    ("[server\n", "not valid TOML"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    assert named in str(err.value)
+
+
+def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("queue_size = 5", "queue_size = 'many'"))
+    proc = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "routing.queue_size" in proc.stderr
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_settings(tmp_path / "nope.toml")

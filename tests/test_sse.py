@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from proxy.sse import StreamObserver, event_end, token_counts, usage_of_body
+
+ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+def run(observer: StreamObserver, chunks: list[bytes]) -> bytes:
+    out = b"".join(observer.feed(c, float(i)) for i, c in enumerate(chunks))
+    return out + observer.flush()
+
+
+def test_passthrough_is_byte_for_byte_and_reads_usage() -> None:
+    stream = [ROLE, TOKEN, USAGE, DONE]
+    observer = StreamObserver(strip_usage=False)
+    assert run(observer, stream) == b"".join(stream)
+    assert observer.first_content_at == 1.0  # the role-only chunk is not content
+    assert token_counts(observer.usage()) == (7, 3)
+
+
+@pytest.mark.parametrize("cut", [1, 5, 17, 40, 61, 90])
+def test_strip_removes_only_the_usage_event_whatever_the_chunking(cut: int) -> None:
+    whole = ROLE + TOKEN + USAGE + DONE
+    # split the stream at an arbitrary byte, twice, so events straddle chunks
+    chunks = [whole[:cut], whole[cut : cut * 2], whole[cut * 2 :]]
+    observer = StreamObserver(strip_usage=True)
+    assert run(observer, chunks) == ROLE + TOKEN + DONE
+    assert token_counts(observer.usage()) == (7, 3)
+
+
+def test_content_markers_of_every_shape() -> None:
+    for chunk in (b'{"text":"a"}', b'{"reasoning_content":"x"}', b'{"tool_calls":[{"id":1}]}',
+                  b'{"type":"response.output_text.delta","delta":"x"}'):
+        observer = StreamObserver(strip_usage=False)
+        observer.feed(chunk, 5.0)
+        assert observer.first_content_at == 5.0, chunk
+    observer = StreamObserver(strip_usage=False)
+    observer.feed(b'{"delta":{"content":""}}', 1.0)
+    assert observer.first_content_at is None
+
+
+def test_event_end_handles_crlf() -> None:
+    assert event_end(b"data: a\r\n\r\ndata: b") == 11
+    assert event_end(b"data: a\n\ndata: b\n\n") == 18
+    assert event_end(b"data: a") == 0
+
+
+def test_usage_of_whole_bodies() -> None:
+    assert token_counts(usage_of_body(b'{"usage":{"prompt_tokens":2,"completion_tokens":9}}')) == (
+        2, 9)
+    anthropic = b'{"type":"message","usage":{"input_tokens":4,"output_tokens":6}}'
+    assert token_counts(usage_of_body(anthropic)) == (4, 6)
+    assert usage_of_body(b"not json") is None

@@ -1,0 +1,163 @@
+"""Proxy overhead: the same streaming load sent directly to a fast upstream and through
+`sluiceway serve`, measured side by side in one run.
+
+    python benchmarks/overhead.py [--requests 2000] [--concurrency 1,64] [--tokens 64]
+                                  [--token-delay-ms 0]
+
+Reports per target: requests/s and SSE events/s (and their ratio to direct), TTFT p50/p99
+and the TTFT added over direct, errors, and the proxy's peak RSS. The client is aiohttp on
+uvloop in this process; its CPU share is printed so a client-bound run can be recognised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import free_port, wait_http  # noqa: E402
+
+
+@dataclass
+class Result:
+    target: str
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    client_cpu_s: float
+    events: int
+    ttfts: list[float]
+
+    def pct(self, p: float) -> float:
+        if not self.ttfts:
+            return float("nan")
+        ordered = sorted(self.ttfts)
+        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def load(url: str, requests: int, concurrency: int, tokens: int) -> tuple[int, int, list[float]]:
+    body = (b'{"model":"bench","messages":[{"role":"user","content":"hi"}],"stream":true,'
+            b'"max_tokens":%d}' % tokens)
+    headers = {"content-type": "application/json"}
+    gate = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    events = errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one() -> None:
+            nonlocal events, errors
+            async with gate:
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        if resp.status != 200:
+                            errors += 1
+                            await resp.read()
+                            return
+                        first = True
+                        while chunk := await resp.content.readany():
+                            if first:
+                                ttfts.append(time.perf_counter() - t0)
+                                first = False
+                            events += chunk.count(b"data:")
+                except (aiohttp.ClientError, TimeoutError):
+                    errors += 1
+
+        await asyncio.gather(*(one() for _ in range(requests)))
+    return events, errors, ttfts
+
+
+def run(target: str, base: str, requests: int, concurrency: int, tokens: int) -> Result:
+    url = base + "/v1/chat/completions"
+    asyncio.run(load(url, min(requests, max(50, concurrency * 2)), concurrency, tokens))
+    wall, cpu = time.perf_counter(), time.process_time()
+    events, errors, ttfts = asyncio.run(load(url, requests, concurrency, tokens))
+    return Result(target, concurrency, requests, errors, time.perf_counter() - wall,
+                  time.process_time() - cpu, events, ttfts)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", default="1,64")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    up_port, proxy_port = free_port(), free_port()
+    work = Path(tempfile.mkdtemp(prefix="sluiceway-overhead-"))
+    config = work / "proxy.toml"
+    config.write_text(
+        "[server]\naccess_log = false\n[routing]\npolicy = \"spillover\"\n"
+        f"[[backends]]\nname = \"fast\"\nurl = \"http://127.0.0.1:{up_port}\"\n"
+        "models = [\"bench\"]\n"
+    )
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.fast_upstream", "--port", str(up_port),
+         "--tokens", str(args.tokens), "--token-delay-ms", str(args.token_delay_ms)], cwd=ROOT)
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port",
+         str(proxy_port), "--log-level", "warning"], cwd=ROOT)
+    results: list[Result] = []
+    try:
+        wait_http(f"http://127.0.0.1:{up_port}/health")
+        wait_http(f"http://127.0.0.1:{proxy_port}/ready")
+        targets = {"direct": f"http://127.0.0.1:{up_port}",
+                   "sluiceway": f"http://127.0.0.1:{proxy_port}"}
+        for c in (int(x) for x in args.concurrency.split(",")):
+            for name, base in targets.items():
+                results.append(run(name, base, args.requests, c, args.tokens))
+        rss = peak_rss_mb(proxy.pid)
+    finally:
+        for proc in (proxy, upstream):
+            proc.terminate()
+            proc.wait(10)
+    print(f"\n{args.requests} streams of {args.tokens} tokens, "
+          f"{args.token_delay_ms:g} ms/token upstream delay")
+    header = (f"{'target':<10} {'conc':>5} {'req/s':>9} {'ratio':>6} {'events/s':>10} "
+              f"{'ratio':>6} {'ttft p50':>9} {'p99':>8} {'added p50':>10} {'errors':>6} "
+              f"{'client cpu':>10}")
+    print(header)
+    print("-" * len(header))
+    direct = {r.concurrency: r for r in results if r.target == "direct"}
+    for r in results:
+        d = direct[r.concurrency]
+        rps, d_rps = r.requests / r.wall_s, d.requests / d.wall_s
+        eps, d_eps = r.events / r.wall_s, d.events / d.wall_s
+        print(f"{r.target:<10} {r.concurrency:>5} {rps:>9,.0f} {rps / d_rps:>6.2f} "
+              f"{eps:>10,.0f} {eps / d_eps:>6.2f} {r.pct(50) * 1e3:>7.2f}ms "
+              f"{r.pct(99) * 1e3:>6.2f}ms {(r.pct(50) - d.pct(50)) * 1e3:>8.2f}ms "
+              f"{r.errors:>6} {r.client_cpu_s / r.wall_s:>9.0%}")
+    print(f"sluiceway peak RSS: {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,7 +46,9 @@ class Result:
         return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def load(url: str, requests: int, concurrency: int, tokens: int) -> tuple[int, int, list[float]]:
+async def load(
+    url: str, requests: int, concurrency: int, tokens: int
+) -> tuple[int, int, list[float]]:
     body = (b'{"model":"bench","messages":[{"role":"user","content":"hi"}],"stream":true,'
             b'"max_tokens":%d}' % tokens)
     headers = {"content-type": "application/json"}

@@ -26,8 +26,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+
+    from emulator import cli as emulate_cli
+
+    emulate = commands.add_parser(
+        "emulate", help="run an emulated llama.cpp or vLLM server on a measured profile",
+        description="Serve the llama.cpp or vLLM API with timing that follows a measured "
+        "performance profile (continuous batching on a virtual clock).",
+    )
+    emulate_cli.add_arguments(emulate)
+    emulate.set_defaults(run=emulate_cli.run)
     args = parser.parse_args(argv)
-    return _serve(args)
+    result: int = args.run(args)
+    return result
 
 
 def _serve(args: argparse.Namespace) -> int:

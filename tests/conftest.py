@@ -26,6 +26,17 @@ class Launcher:
         self.servers.append(server)
         return server.wait_listening() if wait else server
 
+    def emulator(self, engine: str, profile: str, wait: bool = True, **flags: Any) -> Server:
+        """`sluiceway emulate`; flags become its command-line options."""
+        port = free_port()
+        args = ["-m", "proxy.cli", "emulate", "--engine", engine, "--profile", profile,
+                "--port", str(port)]
+        for key, value in flags.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        server = Server(args, port, self.workdir / f"emulate-{engine}-{port}.log")
+        self.servers.append(server)
+        return server.wait_listening() if wait else server
+
     def proxy(self, backends: list[dict[str, Any]], **sections: dict[str, Any]) -> Server:
         """`sluiceway serve` with a config file built from the arguments."""
         port = free_port()

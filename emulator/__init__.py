@@ -1,0 +1,1 @@
+"""Emulated llama.cpp and vLLM servers whose timing follows measured performance profiles."""

@@ -1,0 +1,157 @@
+"""A continuous-batching engine on a virtual clock that follows a performance profile.
+
+One task runs the step loop. A step admits waiting sequences while fewer than
+`max_running` run, prefills the newly admitted ones (which holds the step for
+`tokens / P`), and emits one token for every sequence already decoding; it lasts
+`Profile.step_seconds(decoding, prefill_tokens) / speed`. Steps are scheduled on absolute
+times, so an event loop that wakes late catches up instead of drifting. A prefilled
+sequence gets its first token at the end of its prefill step, as in the real engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from time import monotonic
+
+from emulator.profile import Profile
+
+
+class Sequence:
+    """One request inside the engine. The HTTP side waits on `changed` for tokens."""
+
+    __slots__ = (
+        "admitted_at",
+        "arrived_at",
+        "cached",
+        "cancelled",
+        "changed",
+        "finished_at",
+        "first_token_at",
+        "limit",
+        "max_tokens",
+        "produced",
+        "prompt",
+        "slot",
+    )
+
+    def __init__(self, prompt: list[str], max_tokens: int, limit: int | None = None) -> None:
+        self.prompt = prompt
+        self.max_tokens = max_tokens  # what it will produce
+        self.limit = max_tokens if limit is None else limit  # what the client allowed
+        self.produced = 0
+        self.cached = 0  # prompt tokens found in the prefix cache
+        self.cancelled = False
+        self.slot: int | None = None
+        self.arrived_at = monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.changed = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.produced >= self.max_tokens or self.cancelled
+
+    @property
+    def prefill_tokens(self) -> int:
+        return max(1, len(self.prompt) - self.cached)  # the last token is always computed
+
+
+AdmitHook = Callable[[Sequence], None]
+FinishHook = Callable[[Sequence], None]
+
+
+class Engine:
+    def __init__(
+        self,
+        profile: Profile,
+        max_running: int,
+        speed: float = 1.0,
+        on_admit: AdmitHook | None = None,
+        on_finish: FinishHook | None = None,
+    ) -> None:
+        self.profile = profile
+        self.max_running = max_running
+        self.speed = speed
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._on_admit = on_admit or (lambda seq: None)
+        self._on_finish = on_finish or (lambda seq: None)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.steps = 0
+        self.late_s = 0.0  # total time steps ended later than scheduled (lag)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def submit(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop a sequence (client gone); its slot frees at once."""
+        if seq.cancelled:
+            return
+        seq.cancelled = True
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+            self._on_finish(seq)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            if not self.waiting and not self.running:
+                self._wake.clear()
+                await self._wake.wait()
+                next_at = loop.time()
+            prefilling = self._admit()
+            decoding = [s for s in self.running if s.first_token_at is not None]
+            prefill = sum(s.prefill_tokens for s in prefilling)
+            next_at += self.profile.step_seconds(len(decoding), prefill) / self.speed
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                self.late_s -= delay
+                await asyncio.sleep(0)
+            self._emit(prefilling, decoding)
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting.popleft()
+            seq.admitted_at = monotonic()
+            self._on_admit(seq)  # sets the cached prefix (prompt cache lookup)
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _emit(self, prefilling: list[Sequence], decoding: list[Sequence]) -> None:
+        self.steps += 1
+        now = monotonic()
+        for seq in prefilling:
+            if not seq.cancelled:
+                seq.first_token_at = now
+        for seq in (*prefilling, *decoding):
+            if seq.cancelled:
+                continue
+            seq.produced += 1
+            seq.changed.set()
+            if seq.done:
+                seq.finished_at = now
+                self.running.remove(seq)
+                self._on_finish(seq)

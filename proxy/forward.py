@@ -168,7 +168,7 @@ class Forwarder:
         except ProxyError as exc:  # the upstream failed mid-stream: tell the client in-band
             outcome = exc.outcome
             lead = b"\n\n" if observer.mid_event else b""
-            tail = lead + b"data: " + exc.body() + b"\n\n"
+            tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
         attempt.first_content_at = observer.first_content_at
         attempt.prompt_tokens, attempt.output_tokens = token_counts(observer.usage())
         attempt.end(outcome)

@@ -5,7 +5,9 @@ Chunks go to the client as they arrived. The observer only
 - keeps references to the last few chunks so `usage` can be parsed once, at the end,
 - and, when sluiceway itself asked the upstream for usage, removes that extra usage event.
   Only in that mode is forwarding aligned to event boundaries (a partial trailing event is
-  held back until its end arrives).
+  held back until its end arrives). llama.cpp moves `timings` from the finish chunk to the
+  usage chunk when usage is asked for, so the finish chunk is held until the next event
+  and gets the `timings` back: the client sees what it would have seen without sluiceway.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def event_end(data: bytes) -> int:
 
 
 class StreamObserver:
-    __slots__ = ("_pending", "_strip_usage", "_tail", "first_content_at", "mid_event")
+    __slots__ = ("_held", "_pending", "_strip_usage", "_tail", "first_content_at", "mid_event")
 
     def __init__(self, strip_usage: bool) -> None:
         self._strip_usage = strip_usage
         self._pending = b""
+        self._held: bytes | None = None  # a finish event waiting for the usage event
         self._tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         self.first_content_at: float | None = None
         self.mid_event = False  # the client has seen part of an event but not its end
@@ -55,8 +58,14 @@ class StreamObserver:
 
     def flush(self) -> bytes:
         """Whatever was held back, at the normal end of the stream."""
-        rest, self._pending = self._pending, b""
+        rest = (self._held or b"") + self._pending
+        self._held, self._pending = None, b""
         return rest
+
+    def complete_events(self) -> bytes:
+        """Held-back whole events, when the stream breaks (a partial event is dropped)."""
+        held, self._held, self._pending = self._held or b"", None, b""
+        return held
 
     def usage(self) -> dict[str, Any] | None:
         """The last `usage` object in the stream, if any."""
@@ -76,10 +85,38 @@ class StreamObserver:
         data = self._pending + chunk if self._pending else chunk
         cut = event_end(data)
         complete, self._pending = data[:cut], data[cut:]
-        if b'"usage"' not in complete or not _USAGE_ONLY_EVENT.search(complete):
-            return complete
-        events = re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", complete)
-        return b"".join(e for e in events if not _is_usage_only(e))
+        if self._held is None and _FINISH not in complete and b'"usage"' not in complete:
+            return complete  # the common case: plain token events
+        out: list[bytes] = []
+        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", complete):
+            if not event:
+                continue
+            if _is_usage_only(event):
+                if self._held is not None and b'"timings"' in event:
+                    self._held = _move_timings(event, self._held)
+                continue
+            if self._held is not None:
+                out.append(self._held)
+                self._held = None
+            if _FINISH in event:
+                self._held = event
+            else:
+                out.append(event)
+        return b"".join(out)
+
+
+_FINISH = b'"finish_reason":"'
+
+
+def _move_timings(source: bytes, target: bytes) -> bytes:
+    """`target` event with the `timings` of `source` (both `data: {...}` events)."""
+    try:
+        timings = orjson.loads(source.split(b":", 1)[1])["timings"]
+        event = orjson.loads(target.split(b":", 1)[1])
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return target
+    event["timings"] = timings
+    return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
 def _is_usage_only(event: bytes) -> bool:

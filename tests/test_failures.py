@@ -186,3 +186,41 @@ def test_idle_timeout_mid_stream_ends_with_an_error_event(launch: Launcher) -> N
             "model": "m", "messages": MSG, "max_tokens": 5, "stream": True}, timeout=10) as resp:
         events = [line for line in resp.iter_lines() if line.startswith("data:")]
     assert '"upstream_timeout"' in events[-1]
+
+
+def test_disconnect_through_the_proxy_frees_an_emulated_llamacpp_slot(
+    launch: Launcher,
+) -> None:
+    llama = launch.emulator("llamacpp", "llamacpp-q4km", slots=1, speed=2)
+    proxy = launch.proxy([backend("llama", llama, kind="llamacpp", models=["m"])])
+
+    def processing() -> float:
+        for line in httpx.get(llama.url + "/metrics").text.splitlines():
+            if line.startswith("llamacpp:requests_processing "):
+                return float(line.split()[1])
+        raise AssertionError("no llamacpp:requests_processing")
+
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={
+            "model": "m", "messages": MSG, "max_tokens": 2000, "ignore_eos": True,
+            "stream": True}) as resp:
+        lines = resp.iter_lines()
+        while '"content":" ' not in next(lines):
+            pass
+        assert processing() == 1
+    closed = time.monotonic()
+    while processing() != 0:
+        assert time.monotonic() - closed < 1.0, "slot still busy a second after the client left"
+        time.sleep(0.02)
+
+
+def test_emulated_backend_dying_mid_stream(launch: Launcher) -> None:
+    vllm = launch.emulator("vllm", "vllm-fp8-aiter", speed=20, die_after_tokens=4)
+    proxy = launch.proxy([backend("vllm", vllm, kind="vllm", models=["m"])])
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in client(proxy.url).chat.completions.create(
+                model="m", messages=MSG, max_tokens=50, stream=True,
+                extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    assert len(received) == 4 and "vllm" in str(err.value)

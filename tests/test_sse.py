@@ -56,3 +56,30 @@ def test_usage_of_whole_bodies() -> None:
     anthropic = b'{"type":"message","usage":{"input_tokens":4,"output_tokens":6}}'
     assert token_counts(usage_of_body(anthropic)) == (4, 6)
     assert usage_of_body(b"not json") is None
+
+
+FINISH = (b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],'
+          b'"object":"chat.completion.chunk"}\n\n')
+LLAMA_USAGE = (b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3},'
+               b'"timings":{"cache_n":5,"predicted_n":3}}\n\n')
+
+
+@pytest.mark.parametrize("cut", [0, 30, 60, 100, 150])
+def test_llamacpp_timings_move_back_to_the_finish_chunk(cut: int) -> None:
+    import orjson
+
+    whole = TOKEN + FINISH + LLAMA_USAGE + DONE
+    observer = StreamObserver(strip_usage=True)
+    out = run(observer, [whole[:cut], whole[cut:]] if cut else [whole])
+    events = [e for e in out.split(b"\n\n") if e]
+    assert events[0] + b"\n\n" == TOKEN and events[-1] + b"\n\n" == DONE
+    finish = orjson.loads(events[1][6:])
+    assert finish["choices"][0]["finish_reason"] == "length"
+    assert finish["timings"] == {"cache_n": 5, "predicted_n": 3}
+    assert len(events) == 3 and b'"usage"' not in out
+
+
+def test_broken_stream_keeps_whole_held_events_only() -> None:
+    observer = StreamObserver(strip_usage=True)
+    assert observer.feed(TOKEN + FINISH + b'data: {"cho', 0.0) == TOKEN
+    assert observer.complete_events() == FINISH

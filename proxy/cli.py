@@ -37,6 +37,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     emulate_cli.add_arguments(emulate)
     emulate.set_defaults(run=emulate_cli.run)
+
+    from loadgen import cli as bench_cli
+
+    bench = commands.add_parser(
+        "bench", help="load test OpenAI-compatible servers (closed loop, open loop, agents)",
+        description="Closed-loop concurrency sweeps, open-loop Poisson rates and agent "
+        "sessions against one or more targets; metrics defined as in vllm bench serve.",
+    )
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(run=bench_cli.run)
+
+    from loadgen import demo
+
+    demo_parser = commands.add_parser(
+        "demo", help="emulated llama.cpp + vLLM + sluiceway, swept side by side",
+        description=(demo.__doc__ or "").split("\n\n")[0],
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.run)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

@@ -29,6 +29,7 @@ class Upstream:
         self.fail_status = 0
         self.fail_count = 0
         self.die_after_chunks = -1
+        self.garbage_count = 0
         self.token_delay_s = args.token_delay_ms / 1000
         self.first_delay_s = args.first_delay_ms / 1000
 
@@ -82,6 +83,7 @@ class Upstream:
         self.fail_status = control.get("fail_status", self.fail_status)
         self.fail_count = control.get("fail_count", self.fail_count)
         self.die_after_chunks = control.get("die_after_chunks", self.die_after_chunks)
+        self.garbage_count = control.get("garbage_count", self.garbage_count)
         if "token_delay_ms" in control:
             self.token_delay_s = control["token_delay_ms"] / 1000
         if "first_delay_ms" in control:
@@ -99,6 +101,11 @@ class Upstream:
             await _json(send, self.fail_status, {"error": {
                 "message": f"injected {self.fail_status}", "type": "server_error",
                 "code": self.fail_status}}, [(b"retry-after", b"1")])
+            return
+        if self.garbage_count:  # 200, but nothing a client can use
+            self.garbage_count -= 1
+            await _send(send, 200, b'data: {"oops": 1}\n\ndata: [DONE]\n\n',
+                        b"text/event-stream")
             return
         self.active += 1
         self.max_active = max(self.max_active, self.active)

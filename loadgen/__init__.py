@@ -1,0 +1,1 @@
+"""The load tester behind `sluiceway bench` and `sluiceway demo`."""

@@ -1,0 +1,167 @@
+"""`sluiceway demo`: what sluiceway is for, on nothing but this package.
+
+Starts an emulated llama.cpp (`llamacpp-q4km`) and an emulated vLLM (`vllm-fp8-aiter`),
+`sluiceway serve` in front of both, sweeps each backend alone and the proxy, and prints one
+side-by-side table; JSON, PNG and HTML go under `--out`. The emulators run at `--speed`;
+every figure is converted back to the profile's time (tok/s divided by the speed, TTFT
+multiplied by it), so the numbers read as on the measured hardware. Every process it
+starts is stopped at the end, on Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from loadgen import report
+from loadgen.runner import Target, closed_loop
+from loadgen.workload import Workload
+
+MODEL = "qwen3.6-35b-a3b"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="concurrency 1, 8, 32 only: done within a minute on 2 cores")
+    parser.add_argument("--out", type=Path, default=Path("sluiceway-demo"), metavar="DIR",
+                        help="where the report goes (default ./sluiceway-demo)")
+    parser.add_argument("--speed", type=float,
+                        help="emulator speed-up (default 10 with --quick, else 8)")
+    parser.add_argument("--policy", default="least_loaded", help="the proxy's routing policy")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, proc.args))} exited early")  # type: ignore[arg-type]
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become ready in {timeout_s:g} s")
+
+
+class Processes:
+    """Child processes that are always stopped, whatever happens."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", *args], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _config(llama: int, vllm: int, policy: str) -> str:
+    return f"""[server]
+access_log = false
+[routing]
+policy = "{policy}"
+[health]
+interval_s = 1
+[[backends]]
+name = "vllm-fp8-aiter"
+kind = "vllm"
+url = "http://127.0.0.1:{vllm}"
+models = ["{MODEL}"]
+max_concurrency = 1024   # vLLM's default max-num-seqs on a 192 GB card
+[[backends]]
+name = "llamacpp-q4km"
+kind = "llamacpp"
+url = "http://127.0.0.1:{llama}"
+models = ["{MODEL}"]
+"""
+
+
+def sweep(targets: list[Target], levels: list[int], requests_per_c: int,
+          show_progress: bool) -> list[dict[str, Any]]:
+    workload = Workload("chat", MODEL, input_len=512, output_len=128)
+    results = []
+    for target in targets:
+        for c in levels:
+            level = asyncio.run(closed_loop(
+                target, workload, c, requests=max(16, requests_per_c * c), duration_s=None,
+                warmup=1, timeout_s=600, show_progress=show_progress))
+            results.append(report.result_json(level, [99]))
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    speed = args.speed or (10.0 if args.quick else 8.0)
+    levels = [1, 8, 32] if args.quick else [1, 8, 32, 64, 128]
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    procs = Processes(out)
+    started = time.monotonic()
+    try:
+        llama_port, vllm_port, proxy_port = _free_port(), _free_port(), _free_port()
+        llama = procs.start("llamacpp", "emulate", "--engine", "llamacpp", "--profile",
+                            "llamacpp-q4km", "--port", str(llama_port), "--speed", str(speed))
+        vllm = procs.start("vllm", "emulate", "--engine", "vllm", "--profile",
+                           "vllm-fp8-aiter", "--port", str(vllm_port), "--speed", str(speed))
+        config = out / "sluiceway.toml"
+        config.write_text(_config(llama_port, vllm_port, args.policy))
+        _wait(f"http://127.0.0.1:{llama_port}/health", llama)
+        _wait(f"http://127.0.0.1:{vllm_port}/health", vllm)
+        proxy = procs.start("sluiceway", "serve", "--config", str(config), "--port",
+                            str(proxy_port), "--log-level", "warning")
+        _wait(f"http://127.0.0.1:{proxy_port}/ready", proxy)
+        targets = [Target("llamacpp-q4km", f"http://127.0.0.1:{llama_port}", MODEL),
+                   Target("vllm-fp8-aiter", f"http://127.0.0.1:{vllm_port}", MODEL),
+                   Target(f"sluiceway ({args.policy})", f"http://127.0.0.1:{proxy_port}",
+                          MODEL)]
+        print(f"sluiceway demo: emulated llama.cpp and vLLM at --speed {speed:g}, "
+              f"512 in / 128 out, closed loop at {', '.join(map(str, levels))}",
+              file=sys.stderr)
+        results = sweep(targets, levels, 3, show_progress=True)
+    except KeyboardInterrupt:
+        print("\nsluiceway demo: interrupted; stopping everything it started",
+              file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+    title = (f"sluiceway demo: llama.cpp vs vLLM vs sluiceway (emulated MI300X profiles, "
+             f"figures in profile time; run at --speed {speed:g})")
+    table = report.side_by_side(results, scale=speed)
+    print(f"\n{title}\n\n{table}\n")
+    print(report.console([r for r in results if r["label"].startswith("sluiceway")],
+                         scale=speed))
+    report.write_json(out / "demo.json", results, {"sluiceway_demo": 1, "speed_scale": speed})
+    png = report.plot_png(results, scale=speed)
+    (out / "demo.png").write_bytes(png)
+    report.write_html(out / "demo.html", title, png,
+                      [table, report.console(results, scale=speed)])
+    print(f"\nwrote {out}/demo.json, demo.png, demo.html "
+          f"in {time.monotonic() - started:.0f} s")
+    return 0

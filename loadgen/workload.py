@@ -1,0 +1,79 @@
+"""Request bodies: fixed-length prompts and outputs, and the agent conversation pattern."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Short, common words: one token each for the emulators, and mostly one for BPE
+# tokenizers. The server's own count (`usage.prompt_tokens`) is what gets reported.
+_WORDS = (
+    "time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child",
+    "world", "school", "state", "family", "student", "group", "country", "problem", "hand",
+    "part", "place", "case", "week", "company", "system", "program", "question", "work",
+    "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story",
+)
+CHAT_TEMPLATE_TOKENS = 5  # what a chat template adds around one user message (approximate)
+
+
+def words(n: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(max(0, n)))
+
+
+@dataclass(frozen=True)
+class Workload:
+    endpoint: str  # "chat" | "completions"
+    model: str
+    input_len: int
+    output_len: int
+    ignore_eos: bool = True
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
+
+    def prompt(self, rng: random.Random) -> str:
+        """A prompt of about input_len tokens whose first word is unique, so no prefix
+        cache serves it from an earlier request."""
+        n = self.input_len - (CHAT_TEMPLATE_TOKENS if self.endpoint == "chat" else 0)
+        return f"r{rng.getrandbits(40):x} " + words(n - 1, rng)
+
+    def body(self, rng: random.Random) -> bytes:
+        return self.body_for(self.prompt(rng), None)
+
+    def body_for(self, prompt: str | None, messages: list[dict[str, str]] | None) -> bytes:
+        request: dict[str, Any] = {
+            "model": self.model, "stream": True, "max_tokens": self.output_len,
+            "stream_options": {"include_usage": True}, "temperature": 0,
+        }
+        if self.ignore_eos:
+            request["ignore_eos"] = True
+        if self.endpoint == "chat":
+            request["messages"] = messages or [{"role": "user", "content": prompt or ""}]
+        else:
+            request["prompt"] = prompt
+        return orjson.dumps(request)
+
+
+@dataclass
+class Conversation:
+    """A coding agent's session: a stable shared prefix, then turns that grow."""
+
+    session_id: str
+    messages: list[dict[str, str]]
+    turn: int = 0
+
+    @classmethod
+    def start(cls, index: int, shared_prefix: str) -> Conversation:
+        return cls(f"agent-{index:04d}", [{"role": "system", "content": shared_prefix}])
+
+    def ask(self, text: str) -> list[dict[str, str]]:
+        self.messages.append({"role": "user", "content": text})
+        return self.messages
+
+    def answered(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+        self.turn += 1

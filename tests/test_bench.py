@@ -1,0 +1,171 @@
+"""`sluiceway bench` against servers with known timing, failures of every class, the JSON
+keys of `vllm bench serve`, per-backend attribution, agent sessions and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadgen.record import Failure
+from loadgen.report import result_json
+from loadgen.runner import Target, agent_sessions, closed_loop, open_loop
+from loadgen.workload import Workload
+from tests.conftest import Launcher, backend
+from tests.processes import ROOT, free_port
+
+WORKLOAD = Workload("chat", "m", input_len=64, output_len=20)
+
+
+def level(url: str, concurrency: int, requests: int, workload: Workload = WORKLOAD,
+          timeout_s: float = 30, warmup: int = 0) -> dict[str, Any]:
+    result = asyncio.run(closed_loop(Target("t", url), workload, concurrency,
+                                     requests=requests, duration_s=None, warmup=warmup,
+                                     timeout_s=timeout_s, show_progress=False))
+    return result_json(result, [50, 99])
+
+
+def test_metrics_match_a_server_with_known_timing(launch: Launcher) -> None:
+    # first event after 100 ms, then one every 10 ms: 20 tokens end at 290 ms
+    up = launch.upstream("known", first_delay_ms=100, token_delay_ms=10)
+    r = level(up.url, concurrency=4, requests=24)
+    assert r["completed"] == 24 and r["failed"] == 0
+    assert r["total_output_tokens"] == 24 * 20  # from usage, which the bench asks for
+    assert r["mean_ttft_ms"] == pytest.approx(100, rel=0.05)
+    assert r["mean_tpot_ms"] == pytest.approx(10, rel=0.05)
+    assert r["median_itl_ms"] == pytest.approx(10, rel=0.05)
+    assert r["mean_e2el_ms"] == pytest.approx(290, rel=0.05)
+    # 4 streams back to back; the server sleeps once more after the last token, so each
+    # request holds its stream for 100 + 20 x 10 = 300 ms
+    assert r["output_throughput"] == pytest.approx(4 * 20 / 0.300, rel=0.05)
+    assert r["max_concurrent_requests"] == 4
+
+
+def test_metrics_match_an_emulated_vllm(launch: Launcher) -> None:
+    vllm = launch.emulator("vllm", "vllm-fp8-aiter", speed=4, model="m")
+    r = level(vllm.url, concurrency=1, requests=12,
+              workload=Workload("chat", "m", input_len=512, output_len=128), warmup=1)
+    # single stream: TPOT is 1 / T_dec(1) = 1 / 122.5 s, divided by the speed
+    assert r["mean_tpot_ms"] == pytest.approx(1000 / 122.5 / 4, rel=0.05)
+    assert r["output_throughput"] == pytest.approx(121 * 4, rel=0.05)
+    assert r["total_input_tokens"] == 12 * 512  # the server's count, from usage
+
+
+def test_every_failure_class_is_counted(launch: Launcher) -> None:
+    up = launch.upstream("faulty", token_delay_ms=5)
+    up.post("/_control", {"fail_status": 503, "fail_count": 2})
+    r = level(up.url, 1, 4)
+    assert r["failures"] == {Failure.HTTP: 2} and r["completed"] == 2
+    up.post("/_control", {"garbage_count": 1})
+    assert level(up.url, 1, 1)["failures"] == {Failure.PAYLOAD: 1}
+    up.post("/_control", {"die_after_chunks": 3})
+    assert level(up.url, 1, 1)["failures"] == {Failure.CUT: 1}
+    up.post("/_control", {"die_after_chunks": -1, "first_delay_ms": 2000})
+    assert level(up.url, 1, 1, timeout_s=0.5)["failures"] == {Failure.TIMEOUT_FIRST: 1}
+    up.post("/_control", {"first_delay_ms": 0, "token_delay_ms": 200})
+    assert level(up.url, 1, 1, timeout_s=1)["failures"] == {Failure.TIMEOUT_STREAM: 1}
+    closed = level(f"http://127.0.0.1:{free_port()}", 1, 2)
+    assert closed["failures"] == {Failure.CONNECT: 2}
+    assert closed["errors"] and closed["completed"] == 0
+
+
+def test_json_has_the_vllm_bench_keys(launch: Launcher) -> None:
+    up = launch.upstream("keys")
+    r = level(up.url, 2, 6)
+    keys = ["date", "endpoint_type", "backend", "label", "model_id", "tokenizer_id",
+            "num_prompts", "request_rate", "burstiness", "max_concurrency", "duration",
+            "completed", "failed", "total_input_tokens", "total_output_tokens",
+            "request_throughput", "request_goodput", "output_throughput",
+            "total_token_throughput", "max_output_tokens_per_s", "max_concurrent_requests",
+            "rtfx", "queue_times", "latencies"]
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        keys += [f"mean_{metric}_ms", f"median_{metric}_ms", f"std_{metric}_ms",
+                 f"p50_{metric}_ms", f"p99_{metric}_ms"]
+    assert [k for k in keys if k not in r] == []
+    assert r["request_rate"] == "inf" and r["max_concurrency"] == 2
+    assert r["endpoint_type"] == "openai-chat" and r["request_goodput"] is None
+
+
+def test_goodput_and_open_loop(launch: Launcher) -> None:
+    up = launch.upstream("open", first_delay_ms=50, token_delay_ms=2)
+    result = asyncio.run(open_loop(Target("t", up.url), WORKLOAD, rate=40, requests=40,
+                                   duration_s=None, warmup=0, timeout_s=10,
+                                   show_progress=False))
+    from loadgen.summary import Goodput
+
+    r = result_json(result, [99], Goodput.parse("ttft:75,tpot:1"))  # tpot 2 ms: never good
+    assert r["completed"] == 40 and r["request_rate"] == 40
+    assert r["request_goodput"] == 0.0
+    good = result_json(result, [99], Goodput.parse("ttft:1000"))
+    assert good["request_goodput"] == pytest.approx(good["request_throughput"])
+    assert 0.5 < result.duration < 2.5  # 40 arrivals at 40/s, then the drain
+
+
+def test_cli_per_backend_tables_through_the_proxy(launch: Launcher, tmp_path: Path) -> None:
+    a = launch.upstream("a", token_delay_ms=2)
+    b = launch.upstream("b", token_delay_ms=2)
+    proxy = launch.proxy([backend("a", a, models=["m"]), backend("b", b, models=["m"])],
+                         routing={"policy": "round_robin"})
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "bench", "--url", f"pool={proxy.url}",
+         "--url", f"direct={a.url}", "--model", "m", "--concurrency", "1,4",
+         "--requests", "16", "--input-len", "32", "--output-len", "8", "--no-progress",
+         "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv"),
+         "--plot", str(tmp_path / "r.png"), "--html", str(tmp_path / "r.html")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "per backend (from x-sluiceway-backend)" in out.stdout
+    assert "pool tok/s" in out.stdout and "direct tok/s" in out.stdout  # side by side
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    pool = [r for r in results if r["label"] == "pool"]
+    assert {tuple(sorted(r["backends"])) for r in pool} == {("a", "b")}
+    assert sum(v["requests"] for v in pool[0]["backends"].values()) == 16
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "r.csv").read_text().count("\n") == 5
+    assert "data:image/png;base64" in (tmp_path / "r.html").read_text()
+
+
+def test_agent_sessions_send_session_ids_and_report_turns(launch: Launcher) -> None:
+    up = launch.upstream("agent", token_delay_ms=1)
+    result = asyncio.run(agent_sessions(Target("t", up.url), WORKLOAD, conversations=3,
+                                        turns=4, prefix_tokens=100, timeout_s=10,
+                                        show_progress=False))
+    r = result_json(result, [99])
+    assert r["completed"] == 12
+    assert list(r["agent"]["mean_ttft_ms_per_turn"]) == [0, 1, 2, 3]
+    stats = up.get("/_stats")
+    assert stats["last_headers"]["x-session-id"].startswith("agent-")
+    history = stats["last_body"]["messages"]
+    assert len(history) == 1 + 4 + 3  # system, 4 user turns, 3 replies before the last
+    assert history[2]["role"] == "assistant" and history[2]["content"].startswith("tok0")
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "bench", "--url",
+                          "http://127.0.0.1:9", "--model", "m", "--concurrency", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--concurrency" in out.stderr
+
+
+def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--quick", "--out",
+                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "llamacpp-q4km tok/s" in out.stdout and "vllm-fp8-aiter tok/s" in out.stdout
+    results = json.loads((tmp_path / "demo.json").read_text())["results"]
+    assert len(results) == 9 and all(r["failed"] == 0 for r in results)
+    by = {(r["label"].split()[0], r["max_concurrency"]): r for r in results}
+    speed = 10
+    # the emulated backends reproduce their profiles' shape: vLLM scales, llama.cpp does not
+    assert by[("vllm-fp8-aiter", 32)]["output_throughput"] / speed > 1500
+    assert by[("llamacpp-q4km", 32)]["output_throughput"] / speed < 320
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+    assert (tmp_path / "demo.html").exists()
+    leftovers = subprocess.run(["pgrep", "-f", f"--config {tmp_path}"], capture_output=True)
+    assert leftovers.stdout == b""  # every process it started is gone

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck bench-client clean
+.PHONY: install demo demo-quick test lint typecheck bench-client clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sluiceway demo --out sluiceway-demo
+
+demo-quick: $(STAMP)
+	$(BIN)/sluiceway demo --quick --out sluiceway-demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import free_port, wait_http  # noqa: E402
 from loadgen.cli import add_arguments, run_bench  # noqa: E402
+from loadgen.local import free_port, wait_http  # noqa: E402
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import free_port, wait_http  # noqa: E402
 from emulator.profile import get_profile  # noqa: E402
+from loadgen.local import free_port, wait_http  # noqa: E402
 from tests.closed_loop import measure  # noqa: E402
 
 

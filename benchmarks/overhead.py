@@ -25,7 +25,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import free_port, wait_http  # noqa: E402
+from loadgen.local import free_port, wait_http  # noqa: E402
 
 
 @dataclass

@@ -24,7 +24,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import free_port, wait_http  # noqa: E402
+from loadgen.local import free_port, wait_http  # noqa: E402
 
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":64,' \
        b'"stream":true}'

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from loadgen import report
+from loadgen.local import free_port, wait_http
 from loadgen.runner import Target, closed_loop
 from loadgen.workload import Workload
 
@@ -35,26 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=float,
                         help="emulator speed-up (default 10 with --quick, else 8)")
     parser.add_argument("--policy", default="least_loaded", help="the proxy's routing policy")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(map(str, proc.args))} exited early")  # type: ignore[arg-type]
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not become ready in {timeout_s:g} s")
 
 
 class Processes:
@@ -125,18 +104,18 @@ def run(args: argparse.Namespace) -> int:
     procs = Processes(out)
     started = time.monotonic()
     try:
-        llama_port, vllm_port, proxy_port = _free_port(), _free_port(), _free_port()
+        llama_port, vllm_port, proxy_port = free_port(), free_port(), free_port()
         llama = procs.start("llamacpp", "emulate", "--engine", "llamacpp", "--profile",
                             "llamacpp-q4km", "--port", str(llama_port), "--speed", str(speed))
         vllm = procs.start("vllm", "emulate", "--engine", "vllm", "--profile",
                            "vllm-fp8-aiter", "--port", str(vllm_port), "--speed", str(speed))
         config = out / "sluiceway.toml"
         config.write_text(_config(llama_port, vllm_port, args.policy))
-        _wait(f"http://127.0.0.1:{llama_port}/health", llama)
-        _wait(f"http://127.0.0.1:{vllm_port}/health", vllm)
+        wait_http(f"http://127.0.0.1:{llama_port}/health", llama)
+        wait_http(f"http://127.0.0.1:{vllm_port}/health", vllm)
         proxy = procs.start("sluiceway", "serve", "--config", str(config), "--port",
                             str(proxy_port), "--log-level", "warning")
-        _wait(f"http://127.0.0.1:{proxy_port}/ready", proxy)
+        wait_http(f"http://127.0.0.1:{proxy_port}/ready", proxy)
         targets = [Target("llamacpp-q4km", f"http://127.0.0.1:{llama_port}", MODEL),
                    Target("vllm-fp8-aiter", f"http://127.0.0.1:{vllm_port}", MODEL),
                    Target(f"sluiceway ({args.policy})", f"http://127.0.0.1:{proxy_port}",

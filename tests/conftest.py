@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from tests.processes import Server, free_port, write_config
+from loadgen.local import free_port
+from tests.processes import Server, write_config
 
 
 class Launcher:

@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
+from loadgen.local import free_port
 from loadgen.record import Failure
 from loadgen.report import result_json
 from loadgen.runner import Target, agent_sessions, closed_loop, open_loop
 from loadgen.workload import Workload
 from tests.conftest import Launcher, backend
-from tests.processes import ROOT, free_port
+from tests.processes import ROOT
 
 WORKLOAD = Workload("chat", "m", input_len=64, output_len=20)
 

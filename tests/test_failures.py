@@ -10,8 +10,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from loadgen.local import free_port
 from tests.conftest import Launcher, backend
-from tests.processes import free_port
 
 MSG = [{"role": "user", "content": "hello"}]
 

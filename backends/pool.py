@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from time import perf_counter
 
 from backends.config import BackendConfig
 from backends.kinds import ADAPTERS
@@ -57,12 +58,18 @@ class Pool:
 
     def acquire(self, name: str) -> BackendState:
         state = self._states[name]
+        state.advance_area(perf_counter())
         state.in_flight += 1
         self._changed(notify=False)  # taking a slot never frees room for a waiter
         return state
 
+    def load_area(self, name: str) -> float:
+        """The backend's in-flight count integrated over time, up to now."""
+        return self._states[name].advance_area(perf_counter())
+
     def release(self, name: str, result: RequestResult) -> None:
         state = self._states[name]
+        state.advance_area(perf_counter())
         state.in_flight -= 1
         state.stats.record(result)
         self._changed()

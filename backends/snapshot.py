@@ -34,6 +34,11 @@ class BackendSnapshot:
     decode_tok_s: float | None  # moving estimate of one stream's decode rate
     upstream_running: int | None  # as scraped from the engine's /metrics
     upstream_waiting: int | None
+    # learned from routed traffic: (concurrency, aggregate output tok/s) and
+    # (concurrency, TTFT s), sorted by concurrency; empty until observed
+    throughput_curve: tuple[tuple[int, float], ...] = ()
+    ttft_curve: tuple[tuple[int, float], ...] = ()
+    mean_output_tokens: float | None = None
 
     @property
     def routable(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from time import perf_counter
 
 from backends.adapter import Adapter
 from backends.config import BackendConfig
@@ -33,6 +34,14 @@ class BackendState:
     in_flight: int = 0
     discovered: Discovered = field(default_factory=Discovered)
     stats: BackendStats = field(default_factory=BackendStats)
+    load_area: float = 0.0  # integral of in_flight over time (request-seconds)
+    load_area_at: float = field(default_factory=perf_counter)
+
+    def advance_area(self, now: float) -> float:
+        """Bring the in-flight integral up to `now` and return it."""
+        self.load_area += self.in_flight * (now - self.load_area_at)
+        self.load_area_at = now
+        return self.load_area
 
     @property
     def name(self) -> str:
@@ -67,4 +76,7 @@ class BackendState:
             decode_tok_s=self.stats.decode_tok_s.value,
             upstream_running=self.discovered.running,
             upstream_waiting=self.discovered.waiting,
+            throughput_curve=self.stats.curve.throughput_points(),
+            ttft_curve=self.stats.curve.ttft_points(),
+            mean_output_tokens=self.stats.output_tokens.value,
         )

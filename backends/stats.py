@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backends.curve import CurveLearner
+
 
 class Ewma:
     """Exponentially weighted moving average; `None` until the first sample."""
@@ -31,16 +33,19 @@ class RequestResult:
     ttft_s: float | None = None
     output_tokens: int = 0
     decode_s: float | None = None  # first content to last chunk
+    concurrency: float | None = None  # mean in flight on the backend during the request
 
 
 class BackendStats:
     """TTFT and per-stream decode speed, plus plain counters for the admin view."""
 
-    __slots__ = ("completed", "decode_tok_s", "failed", "ttft_s")
+    __slots__ = ("completed", "curve", "decode_tok_s", "failed", "output_tokens", "ttft_s")
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.ttft_s = Ewma(alpha)
         self.decode_tok_s = Ewma(alpha)
+        self.output_tokens = Ewma(alpha)  # typical reply length, for requests without one
+        self.curve = CurveLearner()
         self.completed = 0
         self.failed = 0
 
@@ -51,5 +56,11 @@ class BackendStats:
             self.failed += 1
         if result.ttft_s is not None:
             self.ttft_s.add(result.ttft_s)
+        rate = None
         if result.decode_s and result.output_tokens > 1:
-            self.decode_tok_s.add((result.output_tokens - 1) / result.decode_s)
+            rate = (result.output_tokens - 1) / result.decode_s
+            self.decode_tok_s.add(rate)
+        if result.outcome == "ok" and result.output_tokens:
+            self.output_tokens.add(result.output_tokens)
+        if result.concurrency is not None and result.outcome == "ok":
+            self.curve.observe(result.concurrency, rate, result.ttft_s)

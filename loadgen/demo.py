@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the report goes (default ./sluiceway-demo)")
     parser.add_argument("--speed", type=float,
                         help="emulator speed-up (default 10 with --quick, else 8)")
-    parser.add_argument("--policy", default="least_loaded", help="the proxy's routing policy")
+    parser.add_argument("--policy", default="adaptive", help="the proxy's routing policy")
 
 
 class Processes:

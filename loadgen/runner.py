@@ -21,7 +21,7 @@ import aiohttp
 
 from loadgen.client import send
 from loadgen.record import RequestRecord
-from loadgen.workload import Conversation, Workload, words
+from loadgen.workload import RUN_NONCE, Conversation, Workload, words
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,8 @@ async def agent_sessions(
     (system prompt), then a user message and the model's reply appended per turn, with an
     `x-session-id` header, as coding agents do. Reports TTFT per turn."""
     rng = random.Random(seed)
-    shared = words(prefix_tokens, random.Random(12345))
+    # unique to this run, so a server's cache from an earlier run cannot serve it
+    shared = f"session {RUN_NONCE}: " + words(prefix_tokens, random.Random(12345))
     url = target.url + workload.path
     records: list[RequestRecord] = []
     progress = Progress(f"{target.name} agents={conversations}", conversations * turns,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,9 @@ _WORDS = (
     "part", "place", "case", "week", "company", "system", "program", "question", "work",
     "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story",
 )
-CHAT_TEMPLATE_TOKENS = 5  # what a chat template adds around one user message (approximate)
+CHAT_TEMPLATE_TOKENS = 5
+RUN_NONCE = os.urandom(4).hex()  # differs per process: prompts never repeat across runs
+_COUNTER = itertools.count()  # what a chat template adds around one user message (approximate)
 
 
 def words(n: int, rng: random.Random) -> str:
@@ -36,10 +40,11 @@ class Workload:
         return "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
 
     def prompt(self, rng: random.Random) -> str:
-        """A prompt of about input_len tokens whose first word is unique, so no prefix
-        cache serves it from an earlier request."""
+        """A prompt of about input_len tokens whose first word is unique to this request
+        and this process, so no prefix cache serves it from an earlier request or an
+        earlier run (the rest of the prompt follows the seeded `rng`)."""
         n = self.input_len - (CHAT_TEMPLATE_TOKENS if self.endpoint == "chat" else 0)
-        return f"r{rng.getrandbits(40):x} " + words(n - 1, rng)
+        return f"r{RUN_NONCE}x{next(_COUNTER)} " + words(n - 1, rng)
 
     def body(self, rng: random.Random) -> bytes:
         return self.body_for(self.prompt(rng), None)

@@ -2,7 +2,18 @@
 
 from collections.abc import Mapping
 
-from policies.base import Decision, NoBackend, Policy, PolicyFactory, Route, RouteRequest, Wait
+from policies.adaptive import Adaptive
+from policies.base import (
+    Decision,
+    NoBackend,
+    Policy,
+    PolicyConfig,
+    PolicyFactory,
+    Route,
+    RouteRequest,
+    Wait,
+)
+from policies.latency import Latency
 from policies.least_loaded import LeastLoaded
 from policies.round_robin import RoundRobin
 from policies.spillover import Spillover
@@ -11,6 +22,8 @@ POLICIES: Mapping[str, PolicyFactory] = {
     RoundRobin.name: RoundRobin,
     LeastLoaded.name: LeastLoaded,
     Spillover.name: Spillover,
+    Latency.name: Latency,
+    Adaptive.name: Adaptive,
 }
 
 __all__ = [
@@ -18,6 +31,7 @@ __all__ = [
     "Decision",
     "NoBackend",
     "Policy",
+    "PolicyConfig",
     "PolicyFactory",
     "Route",
     "RouteRequest",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from backends.snapshot import BackendSnapshot, PoolSnapshot
@@ -58,7 +58,15 @@ class Policy(Protocol):
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision: ...
 
 
-PolicyFactory = Callable[[random.Random], Policy]
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What a policy is built with."""
+
+    rng: random.Random = field(default_factory=random.Random)
+    affinity: bool = True  # adaptive: prefer the backend that served the session
+
+
+PolicyFactory = Callable[[PolicyConfig], Policy]
 
 
 def eligible(

@@ -7,16 +7,14 @@ order.
 
 from __future__ import annotations
 
-import random
-
 from backends.snapshot import PoolSnapshot
-from policies.base import Decision, Route, RouteRequest, eligible
+from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
 
 
 class LeastLoaded:
     name = "least_loaded"
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, config: PolicyConfig) -> None:
         pass
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:

@@ -6,16 +6,14 @@ first eligible one; the cursor then moves past the pick. Ties cannot occur.
 
 from __future__ import annotations
 
-import random
-
 from backends.snapshot import PoolSnapshot
-from policies.base import Decision, Route, RouteRequest, eligible
+from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
 
 
 class RoundRobin:
     name = "round_robin"
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, config: PolicyConfig) -> None:
         self._cursor = 0
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:

@@ -8,16 +8,14 @@ overflows, so later backends see traffic only when it is down.
 
 from __future__ import annotations
 
-import random
-
 from backends.snapshot import PoolSnapshot
-from policies.base import Decision, Route, RouteRequest, eligible
+from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
 
 
 class Spillover:
     name = "spillover"
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, config: PolicyConfig) -> None:
         pass
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:

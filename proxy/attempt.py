@@ -10,8 +10,10 @@ from backends.stats import RequestResult
 class Attempt:
     __slots__ = (
         "backend",
+        "concurrency",
         "ended_at",
         "first_content_at",
+        "load_area_at_start",
         "outcome",
         "output_tokens",
         "prompt_tokens",
@@ -20,9 +22,11 @@ class Attempt:
         "status",
     )
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, load_area: float) -> None:
         self.backend = backend
         self.sent_at = perf_counter()
+        self.load_area_at_start = load_area  # the backend's in-flight integral right now
+        self.concurrency: float | None = None  # its mean over this attempt, at the end
         self.first_content_at: float | None = None
         self.ended_at: float | None = None
         self.started = False  # some byte of the response reached the client
@@ -55,4 +59,5 @@ class Attempt:
             ttft_s=self.ttft_s,
             output_tokens=self.output_tokens,
             decode_s=self.decode_s,
+            concurrency=self.concurrency,
         )

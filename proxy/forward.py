@@ -65,7 +65,7 @@ class Forwarder:
                 raise
             self._metrics.queue_wait.observe(perf_counter() - queued_at)
             self._metrics.decisions.labels(name, self._admission.policy_name).inc()
-            attempt = Attempt(name)
+            attempt = Attempt(name, self._pool.load_area(name))
             attempts.append(attempt)
             try:
                 await self._try(request, attempt, send)
@@ -90,6 +90,10 @@ class Forwarder:
     def _finish(self, request: ClientRequest, attempt: Attempt) -> None:
         if attempt.ended_at is None:
             attempt.end(attempt.outcome)
+        elapsed = attempt.duration_s
+        if elapsed > 0:
+            area = self._pool.load_area(attempt.backend) - attempt.load_area_at_start
+            attempt.concurrency = area / elapsed
         self._pool.release(attempt.backend, attempt.result())
         m, name = self._metrics, attempt.backend
         m.requests.labels(name, request.endpoint.name, attempt.outcome).inc()

@@ -10,7 +10,7 @@ import aiohttp
 
 from backends.monitor import Monitor
 from backends.pool import Pool
-from policies import POLICIES
+from policies import POLICIES, PolicyConfig
 from proxy.admission import Admission
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics
@@ -23,7 +23,9 @@ class Gateway:
         self.settings = settings
         self.pool = Pool(settings.backends)
         routing = settings.routing
-        self.policy = POLICIES[routing.policy](random.Random())
+        self.policy = POLICIES[routing.policy](
+            PolicyConfig(rng=random.Random(), affinity=routing.affinity)
+        )
         self.admission = Admission(
             self.pool, self.policy, routing.queue_size, routing.queue_timeout_s
         )

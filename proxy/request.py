@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,4 +129,12 @@ def _affinity_key(payload: dict[str, Any], headers: list[tuple[bytes, bytes]]) -
         key = payload.get(field)
         if isinstance(key, str) and key:
             return key
-    return None
+    # A conversation keeps its first messages (system prompt, first user turn) as it grows.
+    start = payload.get("messages") or payload.get("input") or payload.get("prompt")
+    if isinstance(start, list):
+        start = start[:2]
+    elif isinstance(start, str):
+        start = start[:2048]
+    else:
+        return None
+    return "h:" + hashlib.blake2b(orjson.dumps(start), digest_size=8).hexdigest()

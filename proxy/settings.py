@@ -35,10 +35,11 @@ class ServerSettings(_Section):
 
 
 class RoutingSettings(_Section):
-    policy: str = "least_loaded"
+    policy: str = "adaptive"
     max_attempts: Annotated[int, Field(ge=1, le=16)] = 3
     queue_size: Annotated[int, Field(ge=0)] = 1024
     queue_timeout_s: PositiveFloat = 30
+    affinity: bool = True  # adaptive: send a session back to the backend that served it
 
     @field_validator("policy")
     @classmethod

@@ -11,7 +11,7 @@ from backends.config import BackendConfig
 from backends.pool import Pool
 from backends.snapshot import Health
 from backends.stats import RequestResult
-from policies import POLICIES, RouteRequest
+from policies import POLICIES, PolicyConfig, RouteRequest
 from proxy.admission import Admission
 from proxy.errors import ProxyError
 
@@ -21,7 +21,7 @@ REQ = RouteRequest(endpoint="chat", model="m")
 def make(caps: dict[str, int], queue_size: int = 8, timeout_s: float = 5) -> tuple[Pool, Admission]:
     pool = Pool(BackendConfig(name=n, url=f"http://127.0.0.1:{9000 + i}", models=("m",),
                               max_concurrency=c) for i, (n, c) in enumerate(caps.items()))
-    policy = POLICIES["least_loaded"](random.Random(0))
+    policy = POLICIES["least_loaded"](PolicyConfig(random.Random(0)))
     return pool, Admission(pool, policy, queue_size=queue_size, timeout_s=timeout_s)
 
 
@@ -100,7 +100,7 @@ def test_newcomer_for_a_free_backend_is_not_blocked_by_waiters_for_a_full_one() 
             BackendConfig(name="a", url="http://127.0.0.1:9001", models=("x",), max_concurrency=1),
             BackendConfig(name="b", url="http://127.0.0.1:9002", models=("y",), max_concurrency=1),
         ])
-        admission = Admission(pool, POLICIES["spillover"](random.Random(0)), 8, 5)
+        admission = Admission(pool, POLICIES["spillover"](PolicyConfig(random.Random(0))), 8, 5)
         x = RouteRequest(endpoint="chat", model="x")
         await admission.admit(x)
         waiter = asyncio.create_task(admission.admit(x))

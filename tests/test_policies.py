@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from backends.snapshot import BackendSnapshot, Health, PoolSnapshot
-from policies import POLICIES, NoBackend, Route, RouteRequest, Wait
+from policies import POLICIES, NoBackend, PolicyConfig, Route, RouteRequest, Wait
 
 
 def b(name: str, index: int, in_flight: int = 0, capacity: int | None = 4,
@@ -60,14 +60,14 @@ CASES: list[tuple[str, PoolSnapshot, RouteRequest, type, str | None]] = [
 @pytest.mark.parametrize(("policy", "snapshot", "request_", "kind", "expected"), CASES)
 def test_pick(policy: str, snapshot: PoolSnapshot, request_: RouteRequest, kind: type,
               expected: str | None) -> None:
-    decision: Any = POLICIES[policy](random.Random(0)).choose(request_, snapshot)
+    decision: Any = POLICIES[policy](PolicyConfig(random.Random(0))).choose(request_, snapshot)
     assert isinstance(decision, kind)
     if expected is not None:
         assert decision.backend == expected
 
 
 def test_round_robin_cycles_in_order_and_skips_full() -> None:
-    policy = POLICIES["round_robin"](random.Random(0))
+    policy = POLICIES["round_robin"](PolicyConfig(random.Random(0)))
     snap = pool(b("a", 0), b("b", 1), b("c", 2))
     picks = [policy.choose(REQ, snap) for _ in range(5)]
     assert [p.backend for p in picks if isinstance(p, Route)] == ["a", "b", "c", "a", "b"]
@@ -79,7 +79,7 @@ def test_round_robin_cycles_in_order_and_skips_full() -> None:
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_no_policy_exceeds_capacity(policy: str) -> None:
     """Fill a pool by following each policy's picks: no backend goes over capacity."""
-    chooser = POLICIES[policy](random.Random(1))
+    chooser = POLICIES[policy](PolicyConfig(random.Random(1)))
     caps = {"a": 1, "b": 3, "c": 2}
     load = dict.fromkeys(caps, 0)
     for _ in range(20):
@@ -91,3 +91,105 @@ def test_no_policy_exceeds_capacity(policy: str) -> None:
         load[decision.backend] += 1
         assert load[decision.backend] <= caps[decision.backend]
     assert load == caps
+
+
+# ---- adaptive and latency: learned curves in the snapshot ---------------------------------
+
+def learned(name: str, index: int, in_flight: int, curve: dict[int, float],
+            ttft: dict[int, float] | None = None, capacity: int | None = None) -> BackendSnapshot:
+    """A backend whose learned throughput curve is {concurrency: aggregate tok/s}."""
+    return BackendSnapshot(
+        name=name, index=index, kind="openai", health=Health.HEALTHY, capacity=capacity,
+        in_flight=in_flight, models=frozenset({"m"}), ttft_s=None, decode_tok_s=None,
+        upstream_running=None, upstream_waiting=None,
+        throughput_curve=tuple(sorted(curve.items())),
+        ttft_curve=tuple(sorted((ttft or {1: 0.05}).items())), mean_output_tokens=128.0,
+    )
+
+
+# The measured shapes: llama.cpp is flat past 8 streams, vLLM (FP8+AITER) keeps scaling.
+LLAMA = {1: 114, 8: 244, 32: 270, 64: 255, 128: 277}
+AITER = {1: 121, 8: 666, 32: 1932, 64: 2917, 128: 3637}
+FP8 = {1: 104, 8: 515, 32: 1493, 64: 2135, 128: 2792}
+R128 = RouteRequest(endpoint="chat", model="m", max_tokens=128)
+TTFT = {1: 0.02}
+
+ADAPTIVE_CASES = [
+    # a lone request: the faster single stream wins (vLLM+AITER 121 > llama 114)
+    (pool(learned("llama", 0, 0, LLAMA, TTFT), learned("vllm", 1, 0, AITER, TTFT)), "vllm"),
+    # ...but stock FP8 vLLM (104) loses a lone request to llama.cpp (114)
+    (pool(learned("llama", 0, 0, LLAMA, TTFT), learned("vllm", 1, 0, FP8, TTFT)), "llama"),
+    # at 7 in flight on vLLM, an 8th stream there is slower than llama.cpp's first
+    (pool(learned("llama", 0, 0, LLAMA, TTFT), learned("vllm", 1, 7, AITER, TTFT)), "llama"),
+    # llama.cpp's second stream would halve its first one's speed: back to vLLM
+    (pool(learned("llama", 0, 1, LLAMA, TTFT), learned("vllm", 1, 30, AITER, TTFT)), "vllm"),
+    # deep in llama's flat region nothing is gained there, even with 120 on vLLM
+    (pool(learned("llama", 0, 16, LLAMA, TTFT), learned("vllm", 1, 120, AITER, TTFT)), "vllm"),
+    # capacity beats the model: llama is full, so vLLM it is
+    (pool(learned("llama", 0, 1, LLAMA, TTFT, capacity=1),
+          learned("vllm", 1, 7, AITER, TTFT)), "vllm"),
+    # a backend never observed is assumed as fast per stream as the best seen: it is tried
+    (pool(learned("llama", 0, 4, LLAMA, TTFT), learned("new", 1, 0, {}, {})), "new"),
+    # TTFT counts: same curves, but one backend is predicted 2 s slower to first token
+    (pool(learned("a", 0, 0, AITER, {1: 2.0}), learned("b", 1, 0, AITER, {1: 0.02})), "b"),
+]
+
+
+@pytest.mark.parametrize(("snapshot", "expected"), ADAPTIVE_CASES)
+def test_adaptive_picks(snapshot: PoolSnapshot, expected: str) -> None:
+    decision = POLICIES["adaptive"](PolicyConfig(random.Random(0))).choose(R128, snapshot)
+    assert decision == Route(expected)
+
+
+def test_adaptive_fills_a_pool_like_the_marginal_gains_say() -> None:
+    """Filling 32 slots one by one puts exactly one request on llama.cpp (31 + 1 beats
+    30 + 2 for total tok/s), and 128 puts a handful there, never more than 8 (past 8 its
+    curve is flat)."""
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    load = {"llama": 0, "vllm": 0}
+    for total in range(1, 129):
+        snap = pool(learned("llama", 0, load["llama"], LLAMA, TTFT, capacity=102),
+                    learned("vllm", 1, load["vllm"], AITER, TTFT, capacity=1024))
+        decision = policy.choose(R128, snap)
+        assert isinstance(decision, Route)
+        load[decision.backend] += 1
+        if total == 32:
+            assert load == {"llama": 1, "vllm": 31}
+    assert 1 <= load["llama"] <= 8
+
+
+def test_affinity_is_a_bounded_preference() -> None:
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    session = RouteRequest(endpoint="chat", model="m", max_tokens=128, affinity_key="s1")
+    idle = pool(learned("llama", 0, 0, FP8, TTFT), learned("vllm", 1, 0, FP8, TTFT))
+    assert policy.choose(session, idle) == Route("llama")  # tie: config order
+    # vLLM is now a little better, but the session stays where its cache is
+    busier = pool(learned("llama", 0, 1, FP8, TTFT), learned("vllm", 1, 0, FP8, TTFT))
+    assert policy.choose(session, busier) == Route("llama")
+    # far worse (over AFFINITY_SLACK x the best cost): the session moves
+    swamped = pool(learned("llama", 0, 30, LLAMA, TTFT), learned("vllm", 1, 0, FP8, TTFT))
+    assert policy.choose(session, swamped) == Route("vllm")
+    # affinity never overrides capacity
+    full = pool(learned("llama", 0, 1, FP8, TTFT), learned("vllm", 1, 1, FP8, TTFT,
+                                                           capacity=1))
+    assert policy.choose(session, full) == Route("llama")
+    # and can be turned off
+    off = POLICIES["adaptive"](PolicyConfig(random.Random(0), affinity=False))
+    off.choose(session, idle)
+    assert off.choose(session, busier) == Route("vllm")
+
+
+LATENCY_CASES = [
+    (pool(learned("a", 0, 0, AITER, {1: 0.5}), learned("b", 1, 0, AITER, {1: 0.1})), "b"),
+    # b's TTFT grows with load: at 8 in flight it is predicted slower than a
+    (pool(learned("a", 0, 0, AITER, {1: 0.3}),
+          learned("b", 1, 7, AITER, {1: 0.1, 8: 0.6})), "a"),
+    # unknown TTFT: predicted at the best seen, ties go by load then order
+    (pool(learned("a", 0, 1, AITER, {1: 0.2}, capacity=4), learned("b", 1, 0, AITER, {})), "b"),
+]
+
+
+@pytest.mark.parametrize(("snapshot", "expected"), LATENCY_CASES)
+def test_latency_picks(snapshot: PoolSnapshot, expected: str) -> None:
+    decision = POLICIES["latency"](PolicyConfig(random.Random(0))).choose(R128, snapshot)
+    assert decision == Route(expected)

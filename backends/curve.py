@@ -1,0 +1,72 @@
+"""Learning a backend's throughput curve from the requests it serves.
+
+For every finished request the proxy knows how many tokens it produced, how long its decode
+took, its TTFT, and the average number of requests in flight on that backend during its
+life (from an exact time integral of the in-flight count). That gives one sample of the
+per-stream decode rate r(b) and of TTFT at concurrency b. Samples go into buckets of
+concurrency (exact up to 4, then about 1.5x apart) as exponentially weighted averages.
+
+Following a backend that changes speed: a sample that differs from its bucket's estimate by
+a ratio q also moves every other bucket of that curve by q^DRIFT, so the whole curve
+follows a slowdown seen at the current load, not only the bucket that observed it.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+ALPHA = 0.25  # weight of a new sample in its bucket
+DRIFT = 0.1  # exponent with which a surprise moves the other buckets
+
+
+def bucket_of(concurrency: float) -> int:
+    """Index of the bucket nearest to `concurrency` (in log space)."""
+    i = bisect.bisect_left(BUCKETS, concurrency)
+    if i == 0:
+        return 0
+    if i == len(BUCKETS):
+        return len(BUCKETS) - 1
+    low, high = BUCKETS[i - 1], BUCKETS[i]
+    return i - 1 if concurrency * concurrency < low * high else i
+
+
+class CurveLearner:
+    """Per-bucket moving estimates of per-stream decode tok/s and of TTFT seconds."""
+
+    __slots__ = ("_rate", "_samples", "_ttft")
+
+    def __init__(self) -> None:
+        self._rate: list[float | None] = [None] * len(BUCKETS)
+        self._ttft: list[float | None] = [None] * len(BUCKETS)
+        self._samples = 0
+
+    @property
+    def samples(self) -> int:
+        return self._samples
+
+    def observe(self, concurrency: float, stream_tok_s: float | None,
+                ttft_s: float | None) -> None:
+        i = bucket_of(max(1.0, concurrency))
+        if stream_tok_s is not None and stream_tok_s > 0:
+            self._samples += 1
+            old = self._rate[i]
+            if old is None:
+                self._rate[i] = stream_tok_s
+            else:
+                self._rate[i] = old + ALPHA * (stream_tok_s - old)
+                factor = (stream_tok_s / old) ** DRIFT
+                for j, value in enumerate(self._rate):
+                    if j != i and value is not None:
+                        self._rate[j] = value * factor
+        if ttft_s is not None and ttft_s >= 0:
+            old_t = self._ttft[i]
+            self._ttft[i] = ttft_s if old_t is None else old_t + ALPHA * (ttft_s - old_t)
+
+    def throughput_points(self) -> tuple[tuple[int, float], ...]:
+        """(concurrency, aggregate tok/s) for every bucket seen, by concurrency."""
+        return tuple((b, b * r) for b, r in zip(BUCKETS, self._rate, strict=True)
+                     if r is not None)
+
+    def ttft_points(self) -> tuple[tuple[int, float], ...]:
+        return tuple((b, t) for b, t in zip(BUCKETS, self._ttft, strict=True) if t is not None)

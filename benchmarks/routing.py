@@ -1,0 +1,267 @@
+"""Routing quality: each backend alone and the pool under every policy, side by side.
+
+    python benchmarks/routing.py [--speed 4] [--levels 1,8,32,64,128] [--pools all]
+                                 [--skip-agent] [--json PATH]
+
+For each emulated pool (llama.cpp Q4_K_M + vLLM FP8 with AITER, and llama.cpp + stock vLLM
+FP8) it runs, in one process and one run: the llama.cpp emulator alone, the vLLM emulator
+alone, then `sluiceway serve` in front of both under round_robin, least_loaded, latency and
+adaptive (a fresh proxy per policy, so each learns from nothing). Closed loop at each level
+with 512 input / 128 output tokens, in order 1, 8, 32, ... (so learning policies see the
+low levels first).
+
+Throughput is measured in a steady-state window (tokens arriving after a warm-up and
+before dispatch stops), so the drain tail of slow backends does not blur the comparison;
+TTFT statistics cover the requests sent in that window; failures count every request.
+Figures are in profile time (the emulators run at --speed; tok/s are divided by it, times
+multiplied). The last column of each pool's table is the pool's ratio to its best single
+backend at that level.
+
+The agent workload (8 conversations x 8 turns, a 2,000-token shared system prompt, then
+1,200 tokens of new context and a 64-token reply per turn, as a coding agent adding files
+and tool output to its conversation) then runs
+against adaptive with and without session affinity, on the llama.cpp + vLLM pool and on a
+pool of two llama.cpp instances, and reports mean TTFT per turn (round_robin, which
+ignores sessions, is shown as a third reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from emulator.profile import get_profile  # noqa: E402
+from loadgen.local import free_port, wait_http  # noqa: E402
+from loadgen.record import RequestRecord  # noqa: E402
+from loadgen.runner import LevelResult, Target, agent_sessions, closed_loop  # noqa: E402
+from loadgen.summary import percentile  # noqa: E402
+from loadgen.workload import Workload  # noqa: E402
+
+POOLS = {
+    "llamacpp-q4km + vllm-fp8-aiter": ("llamacpp-q4km", "vllm-fp8-aiter"),
+    "llamacpp-q4km + vllm-fp8": ("llamacpp-q4km", "vllm-fp8"),
+}
+POLICIES = ("round_robin", "least_loaded", "latency", "adaptive")
+WORKLOAD = Workload("chat", "m", input_len=512, output_len=128)
+
+
+class Fleet:
+    """Emulators and proxies started by this benchmark, always stopped."""
+
+    def __init__(self, speed: float, workdir: Path) -> None:
+        self.speed = speed
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, args: list[str], ready: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        log = (self.workdir / f"{args[0]}-{port}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", *args, "--port",
+                                 str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + ready, proc)
+        return proc, url
+
+    def emulator(self, profile: str) -> str:
+        engine = get_profile(profile).engine
+        return self._start(["emulate", "--engine", engine, "--profile", profile, "--speed",
+                            str(self.speed), "--model", "m"], "/health")[1]
+
+    def proxy(self, backends: list[tuple[str, str, str]], policy: str,
+              affinity: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+        lines = [f'[routing]\npolicy = "{policy}"\naffinity = {str(affinity).lower()}',
+                 "[server]\naccess_log = false", "[health]\ninterval_s = 1"]
+        for name, kind, url in backends:
+            cap = "\nmax_concurrency = 1024" if kind == "vllm" else ""
+            lines.append(f'[[backends]]\nname = "{name}"\nkind = "{kind}"\nurl = "{url}"\n'
+                         f'models = ["m"]{cap}')
+        config = self.workdir / f"proxy-{policy}-{free_port()}.toml"
+        config.write_text("\n".join(lines) + "\n")
+        return self._start(["serve", "--config", str(config), "--log-level", "warning"],
+                           "/ready")
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.terminate()
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.stop(proc)
+
+
+def chunk_times(r: RequestRecord) -> list[float]:
+    if r.first_choice is None:
+        return []
+    times, t = [r.first_choice], r.first_choice
+    for gap in r.itl:
+        t += gap
+        times.append(t)
+    return times
+
+
+def windowed(level: LevelResult, warmup_s: float, window_s: float,
+             speed: float) -> dict[str, Any]:
+    """Steady-state output tok/s and TTFT of one closed-loop level, in profile time."""
+    start = level.started + warmup_s
+    end = start + window_s  # dispatch stops here; what follows is the drain
+    # a chunk is a choices message; spread each request's output tokens over its chunks
+    # (the role-only and finish chunks carry none)
+    tokens = 0.0
+    for r in level.records:
+        times = chunk_times(r) if r.ok else []
+        if times:
+            tokens += r.output_tokens / len(times) * sum(1 for t in times if start <= t < end)
+    ttfts = [r.ttft * speed for r in level.records
+             if r.ok and r.ttft is not None and start <= r.t0 < end]
+    return {
+        "tok_s": tokens / (end - start) / speed if end > start else 0.0,
+        "failed": sum(1 for r in level.records if not r.ok),
+        "mean_ttft_s": statistics.fmean(ttfts) if ttfts else 0.0,
+        "p99_ttft_s": percentile(ttfts, 99),
+        "requests": len(level.records),
+        "llama_share": (sum(1 for r in level.records if (r.backend or "").startswith("llama"))
+                        / len(level.records)),
+    }
+
+
+def run_level(url: str, concurrency: int, expected_tok_s: float, speed: float) -> dict[str, Any]:
+    # Fixed-length requests started together stay in cohorts (all prefill, then all
+    # decode), so the window spans a whole number of request cycles.
+    cycle_s = concurrency * WORKLOAD.output_len / expected_tok_s / speed
+    warmup_s = max(2.0, 1.5 * cycle_s)
+    window_s = cycle_s * max(3, math.ceil(4.0 / cycle_s))
+    level = asyncio.run(closed_loop(Target("t", url), WORKLOAD, concurrency, requests=None,
+                                    duration_s=warmup_s + window_s, warmup=0, timeout_s=900,
+                                    show_progress=False))
+    return windowed(level, warmup_s, window_s, speed)
+
+
+def sweep(url: str, levels: list[int], expect: dict[int, float], speed: float,
+          label: str) -> dict[int, dict[str, Any]]:
+    out = {}
+    for c in levels:
+        out[c] = run_level(url, c, expect[c], speed)
+        print(f"  {label:<28} c={c:<4} {out[c]['tok_s']:>7,.0f} tok/s  "
+              f"failed {out[c]['failed']}  TTFT {out[c]['mean_ttft_s']:.2f} s "
+              f"(p99 {out[c]['p99_ttft_s']:.2f})", file=sys.stderr, flush=True)
+    return out
+
+
+def print_pool(title: str, results: dict[str, dict[int, dict[str, Any]]],
+               singles: list[str], levels: list[int]) -> None:
+    print(f"\n## {title}\n")
+    header = (f"{'target':<20} {'conc':>5} {'out tok/s':>10} {'failed':>7} "
+              f"{'TTFT mean':>10} {'TTFT p99':>9} {'llama share':>12} {'vs best single':>15}")
+    print(header)
+    print("-" * len(header))
+    for target, per_level in results.items():
+        for c in levels:
+            m = per_level[c]
+            best = max(results[s][c]["tok_s"] for s in singles)
+            ratio = "" if target in singles else f"{m['tok_s'] / best:.2f}x"
+            print(f"{target:<20} {c:>5} {m['tok_s']:>10,.0f} {m['failed']:>7} "
+                  f"{m['mean_ttft_s']:>9.2f}s {m['p99_ttft_s']:>8.2f}s "
+                  f"{m['llama_share']:>11.0%} {ratio:>15}")
+
+
+def agent_run(fleet: Fleet, profiles: list[tuple[str, str]], policy: str, affinity: bool,
+              speed: float) -> dict[str, Any]:
+    """One agent run on fresh emulators (so no cache is warm from an earlier run)."""
+    servers = [(name, get_profile(profile).engine, fleet.emulator(profile))
+               for name, profile in profiles]
+    _, url = fleet.proxy(servers, policy, affinity)
+    try:
+        level = asyncio.run(agent_sessions(
+            Target("agents", url), Workload("chat", "m", input_len=8 * 1200, output_len=64),
+            conversations=8, turns=8, prefix_tokens=2000, timeout_s=900, show_progress=False))
+    finally:
+        fleet.stop_all()
+    per_turn: dict[int, list[float]] = {}
+    for r in level.records:
+        if r.ok and r.ttft is not None:
+            per_turn.setdefault(r.turn, []).append(r.ttft * speed)
+    means = {t: statistics.fmean(v) for t, v in sorted(per_turn.items())}
+    later = [v for t, vs in per_turn.items() if t > 0 for v in vs]
+    return {"per_turn": means, "later_mean": statistics.fmean(later) if later else 0.0,
+            "failed": sum(1 for r in level.records if not r.ok)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--speed", type=float, default=4.0)
+    parser.add_argument("--levels", default="1,8,32,64,128")
+    parser.add_argument("--pools", default="all", help="comma list of pool names, or all")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--skip-agent", action="store_true")
+    parser.add_argument("--only-agent", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    pools = POOLS if args.pools == "all" else {k: POOLS[k] for k in args.pools.split(",")}
+    if args.only_agent:
+        pools = {}
+    fleet = Fleet(args.speed, Path(tempfile.mkdtemp(prefix="sluiceway-routing-")))
+    report: dict[str, Any] = {"speed": args.speed, "levels": levels, "pools": {}}
+    try:
+        for title, (llama_profile, vllm_profile) in pools.items():
+            llama_url = fleet.emulator(llama_profile)
+            vllm_url = fleet.emulator(vllm_profile)
+            expect = {c: max(get_profile(llama_profile).aggregate_tok_s(c),
+                             get_profile(vllm_profile).aggregate_tok_s(c)) for c in levels}
+            slow = {c: get_profile(llama_profile).aggregate_tok_s(c) for c in levels}
+            print(f"{title}:", file=sys.stderr)
+            results = {
+                llama_profile: sweep(llama_url, levels, slow, args.speed, llama_profile),
+                vllm_profile: sweep(vllm_url, levels, expect, args.speed, vllm_profile),
+            }
+            backends = [(llama_profile, "llamacpp", llama_url),
+                        (vllm_profile, "vllm", vllm_url)]
+            for policy in args.policies.split(","):
+                proc, url = fleet.proxy(backends, policy)
+                try:
+                    results[policy] = sweep(url, levels, expect, args.speed, policy)
+                finally:
+                    fleet.stop(proc)
+            print_pool(title, results, [llama_profile, vllm_profile], levels)
+            report["pools"][title] = results
+        if not args.skip_agent:
+            agent: dict[str, Any] = {}
+            for title, profiles in (
+                ("llamacpp + vllm-fp8-aiter", [("llamacpp-q4km", "llamacpp-q4km"),
+                                               ("vllm-fp8-aiter", "vllm-fp8-aiter")]),
+                ("2 x llamacpp", [("llamacpp-a", "llamacpp-q4km"),
+                                  ("llamacpp-b", "llamacpp-q4km")]),
+            ):
+                for policy, affinity, label in (("adaptive", True, "adaptive, affinity on"),
+                                                ("adaptive", False, "adaptive, affinity off"),
+                                                ("round_robin", False, "round_robin")):
+                    agent[f"{title}: {label}"] = agent_run(fleet, profiles, policy,
+                                                           affinity, args.speed)
+            print("\n## agent workload (8 conversations x 8 turns of 1,200 new tokens, "
+                  "2,000-token shared prefix)\n")
+            for name, m in agent.items():
+                turns = " ".join(f"{v:.2f}" for v in m["per_turn"].values())
+                print(f"{name:<50} later turns {m['later_mean']:.2f} s  failed {m['failed']}"
+                      f"  per turn: {turns}")
+            report["agent"] = agent
+    finally:
+        fleet.stop_all()
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

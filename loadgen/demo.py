@@ -2,9 +2,11 @@
 
 Starts an emulated llama.cpp (`llamacpp-q4km`) and an emulated vLLM (`vllm-fp8-aiter`),
 `sluiceway serve` in front of both, sweeps each backend alone and the proxy, and prints one
-side-by-side table; JSON, PNG and HTML go under `--out`. The emulators run at `--speed`;
-every figure is converted back to the profile's time (tok/s divided by the speed, TTFT
-multiplied by it), so the numbers read as on the measured hardware. Every process it
+side-by-side table; JSON, PNG and HTML go under `--out`. The proxy first gets an
+uncounted pass at each level, since its `adaptive` policy learns from traffic. The
+emulators run at `--speed`; every figure is converted back to the profile's time (tok/s
+divided by the speed, TTFT multiplied by it), so the numbers read as on the measured
+hardware. Every process it
 starts is stopped at the end, on Ctrl-C too.
 """
 
@@ -84,10 +86,14 @@ models = ["{MODEL}"]
 
 
 def sweep(targets: list[Target], levels: list[int], requests_per_c: int,
-          show_progress: bool) -> list[dict[str, Any]]:
+          show_progress: bool, learn: Target | None = None) -> list[dict[str, Any]]:
     workload = Workload("chat", MODEL, input_len=512, output_len=128)
     results = []
     for target in targets:
+        if target is learn:  # an uncounted pass first: the router learns from traffic
+            for c in levels:
+                asyncio.run(closed_loop(target, workload, c, requests=2 * c, duration_s=None,
+                                        warmup=0, timeout_s=600, show_progress=show_progress))
         for c in levels:
             level = asyncio.run(closed_loop(
                 target, workload, c, requests=max(16, requests_per_c * c), duration_s=None,
@@ -116,14 +122,13 @@ def run(args: argparse.Namespace) -> int:
         proxy = procs.start("sluiceway", "serve", "--config", str(config), "--port",
                             str(proxy_port), "--log-level", "warning")
         wait_http(f"http://127.0.0.1:{proxy_port}/ready", proxy)
+        pool = Target(f"sluiceway ({args.policy})", f"http://127.0.0.1:{proxy_port}", MODEL)
         targets = [Target("llamacpp-q4km", f"http://127.0.0.1:{llama_port}", MODEL),
-                   Target("vllm-fp8-aiter", f"http://127.0.0.1:{vllm_port}", MODEL),
-                   Target(f"sluiceway ({args.policy})", f"http://127.0.0.1:{proxy_port}",
-                          MODEL)]
+                   Target("vllm-fp8-aiter", f"http://127.0.0.1:{vllm_port}", MODEL), pool]
         print(f"sluiceway demo: emulated llama.cpp and vLLM at --speed {speed:g}, "
               f"512 in / 128 out, closed loop at {', '.join(map(str, levels))}",
               file=sys.stderr)
-        results = sweep(targets, levels, 3, show_progress=True)
+        results = sweep(targets, levels, 3, show_progress=True, learn=pool)
     except KeyboardInterrupt:
         print("\nsluiceway demo: interrupted; stopping everything it started",
               file=sys.stderr)

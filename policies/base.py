@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from backends.snapshot import BackendSnapshot, PoolSnapshot
 
@@ -85,3 +85,13 @@ def eligible(
     if not with_room:
         return Wait(f"every backend serving {request.model!r} is at capacity")
     return with_room
+
+
+def pick_lowest(
+    request: RouteRequest, snapshot: PoolSnapshot, key: Callable[[BackendSnapshot], Any]
+) -> Decision:
+    """Route to the eligible backend with the lowest `key`, or say why none can take it."""
+    found = eligible(request, snapshot)
+    if not isinstance(found, tuple):
+        return found
+    return Route(min(found, key=key).name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from backends.snapshot import PoolSnapshot
 from policies import model
-from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
+from policies.base import Decision, PolicyConfig, RouteRequest, pick_lowest
 
 
 class Latency:
@@ -20,10 +20,6 @@ class Latency:
         pass
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:
-        found = eligible(request, snapshot)
-        if not isinstance(found, tuple):
-            return found
         prior = model.prior_ttft_s(snapshot.backends)
-        pick = min(found, key=lambda b: (model.ttft_s(b, b.in_flight + 1, prior), b.load,
-                                         b.index))
-        return Route(pick.name)
+        return pick_lowest(request, snapshot,
+                           lambda b: (model.ttft_s(b, b.in_flight + 1, prior), b.load, b.index))

@@ -8,7 +8,7 @@ order.
 from __future__ import annotations
 
 from backends.snapshot import PoolSnapshot
-from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
+from policies.base import Decision, PolicyConfig, RouteRequest, pick_lowest
 
 
 class LeastLoaded:
@@ -18,8 +18,4 @@ class LeastLoaded:
         pass
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:
-        found = eligible(request, snapshot)
-        if not isinstance(found, tuple):
-            return found
-        pick = min(found, key=lambda b: (b.load, b.in_flight, b.index))
-        return Route(pick.name)
+        return pick_lowest(request, snapshot, lambda b: (b.load, b.in_flight, b.index))

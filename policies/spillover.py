@@ -9,7 +9,7 @@ overflows, so later backends see traffic only when it is down.
 from __future__ import annotations
 
 from backends.snapshot import PoolSnapshot
-from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
+from policies.base import Decision, PolicyConfig, RouteRequest, pick_lowest
 
 
 class Spillover:
@@ -19,7 +19,4 @@ class Spillover:
         pass
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:
-        found = eligible(request, snapshot)
-        if not isinstance(found, tuple):
-            return found
-        return Route(min(found, key=lambda b: b.index).name)
+        return pick_lowest(request, snapshot, lambda b: b.index)

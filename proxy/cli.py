@@ -29,33 +29,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(run=_serve)
 
     from emulator import cli as emulate_cli
-
-    emulate = commands.add_parser(
-        "emulate", help="run an emulated llama.cpp or vLLM server on a measured profile",
-        description="Serve the llama.cpp or vLLM API with timing that follows a measured "
-        "performance profile (continuous batching on a virtual clock).",
-    )
-    emulate_cli.add_arguments(emulate)
-    emulate.set_defaults(run=emulate_cli.run)
-
     from loadgen import cli as bench_cli
-
-    bench = commands.add_parser(
-        "bench", help="load test OpenAI-compatible servers (closed loop, open loop, agents)",
-        description="Closed-loop concurrency sweeps, open-loop Poisson rates and agent "
-        "sessions against one or more targets; metrics defined as in vllm bench serve.",
-    )
-    bench_cli.add_arguments(bench)
-    bench.set_defaults(run=bench_cli.run)
-
     from loadgen import demo
 
-    demo_parser = commands.add_parser(
-        "demo", help="emulated llama.cpp + vLLM + sluiceway, swept side by side",
-        description=(demo.__doc__ or "").split("\n\n")[0],
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.run)
+    for name, module, summary, description in (
+        ("emulate", emulate_cli,
+         "run an emulated llama.cpp or vLLM server on a measured profile",
+         "Serve the llama.cpp or vLLM API with timing that follows a measured performance "
+         "profile (continuous batching on a virtual clock)."),
+        ("bench", bench_cli,
+         "load test OpenAI-compatible servers (closed loop, open loop, agents)",
+         "Closed-loop concurrency sweeps, open-loop Poisson rates and agent sessions against "
+         "one or more targets; metrics defined as in vllm bench serve."),
+        ("demo", demo, "emulated llama.cpp + vLLM + sluiceway, swept side by side",
+         (demo.__doc__ or "").split("\n\n")[0]),
+    ):
+        sub = commands.add_parser(name, help=summary, description=description)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

@@ -134,11 +134,15 @@ class App:
         started = perf_counter()
         try:
             raw = await read_body(scope, receive, self._body_limit)
+            request = parse(endpoint, raw, scope["headers"], request_id)
+            if not gw.pool.knows_model(request.route.model):
+                raise unknown_model(request.route.model)
         except ClientGone:
             return
-        request = parse(endpoint, raw, scope["headers"], request_id)
-        if not gw.pool.knows_model(request.route.model):
-            raise unknown_model(request.route.model)
+        except ProxyError as exc:  # bad input: answered by the caller, counted and logged here
+            gw.metrics.requests.labels("none", endpoint.name, exc.outcome).inc()
+            self._log(request_id, endpoint, None, exc.status, exc.message, [], started)
+            raise
         task = asyncio.current_task()
         assert task is not None
         gone = asyncio.Event()
@@ -146,11 +150,12 @@ class App:
         attempts: list[Attempt] = []
         status, error = 0, ""
         try:
-            attempts = await gw.forwarder.forward(request, send)
+            await gw.forwarder.forward(request, send, attempts)
             status = attempts[-1].status
         except ProxyError as exc:
             status, error = exc.status, exc.message
-            gw.metrics.requests.labels("none", endpoint.name, exc.outcome).inc()
+            if not attempts:  # refused before any backend was tried
+                gw.metrics.requests.labels("none", endpoint.name, exc.outcome).inc()
             await respond_error(
                 send, exc, [(b"x-request-id", request_id.encode("latin-1"))], endpoint.anthropic
             )
@@ -161,8 +166,14 @@ class App:
             status, error = 499, "client closed the connection"
         finally:
             watcher.cancel()
+        self._log(request_id, endpoint, request.route.model, status, error, attempts, started)
+
+    def _log(
+        self, request_id: str, endpoint: Endpoint, model: str | None, status: int, error: str,
+        attempts: list[Attempt], started: float,
+    ) -> None:
         if self.settings.server.access_log:
-            _log(request_id, endpoint, request.route.model, status, error, attempts, started)
+            _log(request_id, endpoint, model, status, error, attempts, started)
 
 
 async def _cancel_on_disconnect(
@@ -178,7 +189,7 @@ async def _cancel_on_disconnect(
 
 
 def _log(
-    request_id: str, endpoint: Endpoint, model: str, status: int, error: str,
+    request_id: str, endpoint: Endpoint, model: str | None, status: int, error: str,
     attempts: list[Attempt], started: float,
 ) -> None:
     last = attempts[-1] if attempts else None

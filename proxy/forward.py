@@ -45,12 +45,11 @@ class Forwarder:
         self._metrics = metrics
         self._max_attempts = max_attempts
 
-    async def forward(self, request: ClientRequest, send: Send) -> list[Attempt]:
-        """Serve the request; return its attempts (the last one answered the client).
+    async def forward(self, request: ClientRequest, send: Send, attempts: list[Attempt]) -> None:
+        """Serve the request, appending each try to `attempts` (the last one answered).
 
         Raises ProxyError when the client has not been answered and must get an error.
         """
-        attempts: list[Attempt] = []
         last_error: ProxyError | None = None
         for _ in range(self._max_attempts):
             route = request.route
@@ -69,7 +68,7 @@ class Forwarder:
             attempts.append(attempt)
             try:
                 await self._try(request, attempt, send)
-                return attempts
+                return
             except ProxyError as exc:
                 attempt.end(exc.outcome)
                 attempt.status = exc.status

@@ -84,6 +84,10 @@ def test_every_backend_failing_gives_502_in_openai_shape(launch: Launcher) -> No
     assert body["error"]["type"] == "server_error" and body["error"]["code"] == "upstream_error"
     assert "injected 500" in body["error"]["message"]
     assert a.get("/_stats")["requests"] == 1 and b.get("/_stats")["requests"] == 1
+    # counted once per backend tried, not again as refused
+    assert metric(proxy.url, 'sluiceway_requests_total{backend="none"') == 0
+    assert metric(proxy.url, 'sluiceway_requests_total{backend="a",endpoint="chat",'
+                             'outcome="upstream_error"}') == 1
 
 
 def test_overloaded_backends_give_503_with_retry_after(launch: Launcher) -> None:

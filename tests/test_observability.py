@@ -51,6 +51,8 @@ def test_metrics_after_traffic(launch: Launcher) -> None:
     assert m[("sluiceway_queue_depth", ())] == 0
     assert m[("sluiceway_queue_wait_seconds_count", ())] == 4
     assert ("sluiceway_ttft_seconds_bucket", (("backend", "a"), ("le", "120.0"))) in m
+    assert m[("sluiceway_requests_total", (("backend", "none"), ("endpoint", "chat"),
+                                           ("outcome", "rejected")))] == 1  # the ghost model
     admin = httpx.get(proxy.url + "/admin/backends").json()
     entry = admin["backends"][0]
     assert admin["policy"] == "spillover"
@@ -66,12 +68,18 @@ def test_one_structured_log_line_per_request(launch: Launcher) -> None:
     deadline = time.monotonic() + 5
     while "sluiceway.access" not in proxy.output() and time.monotonic() < deadline:
         time.sleep(0.05)
+    httpx.post(proxy.url + "/v1/chat/completions", json={"model": "ghost", "messages": MSG})
+    deadline = time.monotonic() + 5
+    while proxy.output().count("sluiceway.access") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     lines = [line for line in proxy.output().splitlines() if "sluiceway.access" in line]
-    assert len(lines) == 1
+    assert len(lines) == 2
     record = json.loads(lines[0].split("sluiceway.access ", 1)[1])
     assert record["backend"] == "a" and record["status"] == 200 and record["outcome"] == "ok"
     assert record["output_tokens"] == 4 and record["ttft_ms"] is not None
     assert record["duration_ms"] >= record["ttft_ms"]
+    refused = json.loads(lines[1].split("sluiceway.access ", 1)[1])
+    assert refused["status"] == 404 and refused["backend"] is None and "ghost" in refused["error"]
 
 
 def test_ready_follows_llamacpp_loading_then_healthy(launch: Launcher) -> None:

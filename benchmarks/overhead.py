@@ -1,8 +1,11 @@
-"""Proxy overhead: the same streaming load sent directly to a fast upstream and through
-`sluiceway serve`, measured side by side in one run.
+"""Proxy overhead: the same streaming load sent directly to a fast upstream, through
+`sluiceway serve`, and through nginx as a reference, measured side by side in one run.
 
     python benchmarks/overhead.py [--requests 2000] [--concurrency 1,64] [--tokens 64]
-                                  [--token-delay-ms 0]
+                                  [--token-delay-ms 0] [--no-nginx] [--install-nginx]
+
+nginx runs as a plain reverse proxy (one worker, `proxy_buffering off`, upstream
+keep-alive); `--install-nginx` installs Debian's package first when it is missing.
 
 Reports per target: requests/s and SSE events/s (and their ratio to direct), TTFT p50/p99
 and the TTFT added over direct, errors, and the proxy's peak RSS. The client is aiohttp on
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +95,42 @@ def run(target: str, base: str, requests: int, concurrency: int, tokens: int) ->
                   time.process_time() - cpu, events, ttfts)
 
 
+NGINX_CONF = """daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    upstream fast {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://fast;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(work: Path, upstream: int, install: bool) -> tuple[subprocess.Popen[bytes], int]:
+    if shutil.which("nginx") is None and install:
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True)
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise FileNotFoundError("nginx is not installed (use --install-nginx or --no-nginx)")
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=work, upstream=upstream, port=port))
+    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(work)])
+    return proc, port
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -105,6 +145,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--install-nginx", action="store_true",
+                        help="apt-get install nginx-light if it is missing")
     args = parser.parse_args()
     try:
         import uvloop
@@ -129,17 +172,22 @@ def main() -> None:
         [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port",
          str(proxy_port), "--log-level", "warning"], cwd=ROOT)
     results: list[Result] = []
+    nginx = None
     try:
         wait_http(f"http://127.0.0.1:{up_port}/health")
         wait_http(f"http://127.0.0.1:{proxy_port}/ready")
         targets = {"direct": f"http://127.0.0.1:{up_port}",
                    "sluiceway": f"http://127.0.0.1:{proxy_port}"}
+        if not args.no_nginx:
+            nginx, nginx_port = start_nginx(work, up_port, args.install_nginx)
+            wait_http(f"http://127.0.0.1:{nginx_port}/health")
+            targets["nginx"] = f"http://127.0.0.1:{nginx_port}"
         for c in (int(x) for x in args.concurrency.split(",")):
             for name, base in targets.items():
                 results.append(run(name, base, args.requests, c, args.tokens))
         rss = peak_rss_mb(proxy.pid)
     finally:
-        for proc in (proxy, upstream):
+        for proc in (p for p in (nginx, proxy, upstream) if p is not None):
             proc.terminate()
             proc.wait(10)
     print(f"\n{args.requests} streams of {args.tokens} tokens, "

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
-import uuid
+import os
 from time import perf_counter
 from typing import Any
 
@@ -52,6 +53,11 @@ class App:
         self._keys = tuple(k.encode() for k in settings.server.api_keys)
         self._body_limit = int(settings.server.max_body_mb * 1024 * 1024)
         self._gateway: Gateway | None = None
+        self._id_prefix = os.urandom(6).hex()  # request ids: unique per app and request,
+        self._id_counter = itertools.count()  # without uuid4's os.urandom on every call
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):010x}"
 
     @property
     def gateway(self) -> Gateway:
@@ -80,7 +86,7 @@ class App:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        request_id = (header(scope, b"x-request-id") or b"").decode("latin-1") or uuid.uuid4().hex
+        request_id = (header(scope, b"x-request-id") or b"").decode("latin-1") or self._new_id()
         id_header = [(b"x-request-id", request_id.encode("latin-1"))]
         endpoint = ROUTED.get(path)
         anthropic = endpoint is not None and endpoint.anthropic

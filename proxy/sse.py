@@ -85,12 +85,17 @@ class StreamObserver:
         data = self._pending + chunk if self._pending else chunk
         cut = event_end(data)
         complete, self._pending = data[:cut], data[cut:]
-        if self._held is None and _FINISH not in complete and b'"usage"' not in complete:
-            return complete  # the common case: plain token events
-        out: list[bytes] = []
-        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", complete):
-            if not event:
-                continue
+        if self._held is None:
+            marks = [i for i in (complete.find(_FINISH), complete.find(b'"usage"')) if i >= 0]
+            if not marks:
+                return complete  # the common case: plain token events, passed as they are
+            # only the events from the first finish/usage mark on need looking at
+            start = event_end(complete[: min(marks)])  # where the marked event begins
+            head, complete = complete[:start], complete[start:]
+        else:
+            head = b""
+        out: list[bytes] = [head]
+        for event in _events(complete):
             if _is_usage_only(event):
                 if self._held is not None and b'"timings"' in event:
                     self._held = _move_timings(event, self._held)
@@ -103,6 +108,13 @@ class StreamObserver:
             else:
                 out.append(event)
         return b"".join(out)
+
+
+def _events(data: bytes) -> list[bytes]:
+    """Whole events (each with its blank-line terminator) of event-aligned `data`."""
+    if b"\r\n\r\n" in data:
+        return [e for e in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", data) if e]
+    return [part + b"\n\n" for part in data.split(b"\n\n")[:-1]]
 
 
 _FINISH = b'"finish_reason":"'

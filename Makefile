@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint typecheck bench-client clean
+.PHONY: install demo demo-quick test lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,6 @@ typecheck: $(STAMP)
 
 test: $(STAMP) typecheck
 	$(BIN)/pytest
-
-bench-client: $(STAMP)
-	$(BIN)/python benchmarks/upstream_client.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -112,7 +113,7 @@ class Monitor:
             return orjson.loads(await resp.read())
 
 
-def _sum_gauges(text: str, wanted: dict[str, str] | Any) -> dict[str, int]:
+def _sum_gauges(text: str, wanted: Mapping[str, str]) -> dict[str, int]:
     """Sum every series of the wanted metrics (vLLM has one per engine)."""
     totals: dict[str, int] = {}
     for family in text_string_to_metric_families(text):

@@ -60,9 +60,3 @@ class BackendSnapshot:
 @dataclass(frozen=True, slots=True)
 class PoolSnapshot:
     backends: tuple[BackendSnapshot, ...]
-
-    def by_name(self, name: str) -> BackendSnapshot:
-        for backend in self.backends:
-            if backend.name == name:
-                return backend
-        raise KeyError(name)

@@ -12,7 +12,7 @@ import asyncio
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -210,5 +210,3 @@ async def discover_model(url: str) -> str:
         data = await resp.json()
         return str(data["data"][0]["id"])
 
-
-Runner = Callable[..., Awaitable[LevelResult]]

@@ -19,7 +19,8 @@ stops receiving work long before its slot count.
 
 Pick: lowest cost; ties by in_flight / capacity, then config order. Exploration: an idle
 backend with no completed request yet is chosen first (config order), so every backend is
-measured before the model judges it; and a backend is not
+measured before the model judges it (except for a returning session whose backend has
+room: its cached prefix is worth more than the probe); and a backend is not
 loaded past twice the concurrency it has been measured at (model.explore_limit) while
 another backend is within its own limit, so one optimistic guess cannot flood a slow
 backend before its first answers come back.
@@ -55,8 +56,12 @@ class Adaptive:
         found = eligible(request, snapshot)
         if not isinstance(found, tuple):
             return found
+        key = request.affinity_key if self._affinity else None
+        previous = self._sessions.get(key) if key is not None else None
+        returning = previous is not None and any(b.name == previous for b in found)
         idle_unmeasured = [b for b in found if not b.throughput_curve and not b.in_flight]
-        if idle_unmeasured:  # measure every backend before judging it, one probe at a time
+        if idle_unmeasured and not returning:  # measure every backend before judging it,
+            # one probe at a time; a returning session's cache is worth more than a probe
             return self._route(request, min(idle_unmeasured, key=lambda b: b.index))
         # keep each backend within twice the load it has been measured at, while another
         # backend can take the request (capacity is never exceeded either way)
@@ -67,11 +72,8 @@ class Adaptive:
         costs = {b.name: cost(b, request, prior_rate, prior_ttft) for b in found}
         best = min(found, key=lambda b: (costs[b.name], b.load, b.index))
         pick = best.name
-        key = request.affinity_key if self._affinity else None
-        if key is not None:
-            previous = self._sessions.get(key)
-            if previous in costs and costs[previous] <= AFFINITY_SLACK * costs[best.name]:
-                pick = previous
+        if previous in costs and costs[previous] <= AFFINITY_SLACK * costs[best.name]:
+            pick = previous
         return self._route(request, pick)
 
     def _route(self, request: RouteRequest, backend: BackendSnapshot | str) -> Route:

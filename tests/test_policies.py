@@ -179,6 +179,21 @@ def test_affinity_is_a_bounded_preference() -> None:
     assert off.choose(session, busier) == Route("vllm")
 
 
+def test_returning_session_beats_the_probe_of_an_unmeasured_backend() -> None:
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    session = RouteRequest(endpoint="chat", model="m", max_tokens=128, affinity_key="s1")
+    other = RouteRequest(endpoint="chat", model="m", max_tokens=128, affinity_key="s2")
+    unmeasured_b = pool(learned("a", 0, 0, FP8, TTFT), b("b", 1))
+    # the session's first turn was served by a, before b joined the pool
+    assert policy.choose(session, pool(learned("a", 0, 0, FP8, TTFT))) == Route("a")
+    assert policy.choose(session, unmeasured_b) == Route("a")
+    # a new session is the probe
+    assert policy.choose(other, unmeasured_b) == Route("b")
+    # with a full, the returning session may take the probe too
+    full_a = pool(learned("a", 0, 1, FP8, TTFT, capacity=1), b("b", 1))
+    assert policy.choose(session, full_a) == Route("b")
+
+
 LATENCY_CASES = [
     (pool(learned("a", 0, 0, AITER, {1: 0.5}), learned("b", 1, 0, AITER, {1: 0.1})), "b"),
     # b's TTFT grows with load: at 8 in flight it is predicted slower than a

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint typecheck clean
+.PHONY: install demo demo-quick test lint typecheck llama-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) typecheck
+# The pinned llama.cpp llama-server the real-server tests run (built once per machine,
+# cached under ~/.cache/sluiceway; see tests/realllama/build.py).
+llama-server: $(STAMP)
+	$(BIN)/python -m tests.realllama.build
+
+test: $(STAMP) typecheck llama-server
 	$(BIN)/pytest
 
 clean:

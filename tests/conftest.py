@@ -8,6 +8,7 @@ import pytest
 
 from loadgen.local import free_port
 from tests.processes import Server, write_config
+from tests.realllama.server import RealLlama, prepare, server_args
 
 
 class Launcher:
@@ -38,6 +39,15 @@ class Launcher:
         self.servers.append(server)
         return server.wait_listening() if wait else server
 
+    def llama_server(self, real: RealLlama, slots: int, wait: bool = True,
+                     metrics: bool = True, extra: tuple[str, ...] = ()) -> Server:
+        """A real llama.cpp `llama-server` on the test model (see tests/realllama)."""
+        port = free_port()
+        server = Server(server_args(real.model, port, slots, metrics=metrics, extra=extra), port,
+                        self.workdir / f"llama-server-{port}.log", program=str(real.server))
+        self.servers.append(server)
+        return server.wait_listening() if wait else server
+
     def proxy(self, backends: list[dict[str, Any]], **sections: dict[str, Any]) -> Server:
         """`sluiceway serve` with a config file built from the arguments."""
         port = free_port()
@@ -65,6 +75,15 @@ def module_launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher
     launcher = Launcher(tmp_path_factory.mktemp("servers"))
     yield launcher
     launcher.stop_all()
+
+
+@pytest.fixture(scope="session")
+def real_llama() -> RealLlama:
+    """The pinned llama-server, built here once per machine, and the test model.
+
+    A build failure is an error of every test that uses it, never a skip.
+    """
+    return prepare()
 
 
 def backend(name: str, server: Server | str, **extra: Any) -> dict[str, Any]:

@@ -17,15 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Server:
-    """A child process serving HTTP on 127.0.0.1:port; always stopped by `stop()`."""
+    """A child process serving HTTP on 127.0.0.1:port; always stopped by `stop()`.
 
-    def __init__(self, args: Sequence[str], port: int, log: Path) -> None:
+    `args` follow `program`, which defaults to this Python interpreter.
+    """
+
+    def __init__(self, args: Sequence[str], port: int, log: Path,
+                 program: str = sys.executable) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
+            [program, *args], cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
         )
 

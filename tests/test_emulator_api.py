@@ -12,30 +12,12 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Launcher
+from tests.probes import gauges, wait_for
 from tests.processes import Server
 
 MODEL = "qwen3.6-35b-a3b"
-
-
-def gauges(server: Server) -> dict[str, float]:
-    text = httpx.get(server.url + "/metrics").text
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
-
-
-def wait_for(predicate: Any, timeout_s: float = 5.0) -> float:
-    """Poll until true; return how long it took."""
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout_s, "condition not reached in time"
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module", params=["llamacpp", "vllm"])

@@ -1,0 +1,30 @@
+"""Reading servers' state from the tests: Prometheus gauges and bounded polling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.processes import Server
+
+
+def gauges(server: Server) -> dict[str, float]:
+    """Every sample of the server's /metrics, summed over label sets."""
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 5.0) -> float:
+    """Poll until true; return how long it took; fail the test past the timeout."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - started

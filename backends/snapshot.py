@@ -39,6 +39,7 @@ class BackendSnapshot:
     throughput_curve: tuple[tuple[int, float], ...] = ()
     ttft_curve: tuple[tuple[int, float], ...] = ()
     mean_output_tokens: float | None = None
+    prefill_chars_per_s: float | None = None  # learned; see BackendStats
 
     @property
     def routable(self) -> bool:

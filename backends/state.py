@@ -79,4 +79,5 @@ class BackendState:
             throughput_curve=self.stats.curve.throughput_points(),
             ttft_curve=self.stats.curve.ttft_points(),
             mean_output_tokens=self.stats.output_tokens.value,
+            prefill_chars_per_s=self.stats.prefill_chars_per_s.value,
         )

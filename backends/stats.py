@@ -34,17 +34,22 @@ class RequestResult:
     output_tokens: int = 0
     decode_s: float | None = None  # first content to last chunk
     concurrency: float | None = None  # mean in flight on the backend during the request
+    prefilled_chars: float | None = None  # body bytes the backend prefilled (not cached)
 
 
 class BackendStats:
     """TTFT and per-stream decode speed, plus plain counters for the admin view."""
 
-    __slots__ = ("completed", "curve", "decode_tok_s", "failed", "output_tokens", "ttft_s")
+    __slots__ = ("completed", "curve", "decode_tok_s", "failed", "output_tokens",
+                 "prefill_chars_per_s", "ttft_s")
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.ttft_s = Ewma(alpha)
         self.decode_tok_s = Ewma(alpha)
         self.output_tokens = Ewma(alpha)  # typical reply length, for requests without one
+        # prefill speed in request-body bytes per second of TTFT (the TTFT also holds
+        # queueing and one decode step, so this errs low: moving a session looks dearer)
+        self.prefill_chars_per_s = Ewma(alpha)
         self.curve = CurveLearner()
         self.completed = 0
         self.failed = 0
@@ -62,5 +67,7 @@ class BackendStats:
             self.decode_tok_s.add(rate)
         if result.outcome == "ok" and result.output_tokens:
             self.output_tokens.add(result.output_tokens)
+        if result.prefilled_chars and result.ttft_s:
+            self.prefill_chars_per_s.add(result.prefilled_chars / result.ttft_s)
         if result.concurrency is not None and result.outcome == "ok":
             self.curve.observe(result.concurrency, rate, result.ttft_s)

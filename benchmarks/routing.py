@@ -1,7 +1,7 @@
 """Routing quality: each backend alone and the pool under every policy, side by side.
 
     python benchmarks/routing.py [--speed 4] [--levels 1,8,32,64,128] [--pools all]
-                                 [--skip-agent] [--json PATH]
+                                 [--skip-agent | --only-agent] [--real-llama] [--json PATH]
 
 For each emulated pool (llama.cpp Q4_K_M + vLLM FP8 with AITER, and llama.cpp + stock vLLM
 FP8) it runs, in one process and one run: the llama.cpp emulator alone, the vLLM emulator
@@ -22,7 +22,9 @@ The agent workload (8 conversations x 8 turns, a 2,000-token shared system promp
 and tool output to its conversation) then runs
 against adaptive with and without session affinity, on the llama.cpp + vLLM pool and on a
 pool of two llama.cpp instances, and reports mean TTFT per turn (round_robin, which
-ignores sessions, is shown as a third reference).
+ignores sessions, is shown as a third reference). With --real-llama the same comparison
+runs on two real llama-server instances (2 slots each; built by tests/realllama/build.py,
+random test model, real time), with a shorter workload sized for one CPU thread.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from loadgen.record import RequestRecord  # noqa: E402
 from loadgen.runner import LevelResult, Target, agent_sessions, closed_loop  # noqa: E402
 from loadgen.summary import percentile  # noqa: E402
 from loadgen.workload import Workload  # noqa: E402
+from tests.realllama.server import RealLlama, prepare, server_args  # noqa: E402
 
 POOLS = {
     "llamacpp-q4km + vllm-fp8-aiter": ("llamacpp-q4km", "vllm-fp8-aiter"),
@@ -77,6 +80,17 @@ class Fleet:
         engine = get_profile(profile).engine
         return self._start(["emulate", "--engine", engine, "--profile", profile, "--speed",
                             str(self.speed), "--model", "m"], "/health")[1]
+
+    def llama_server(self, real: RealLlama, slots: int) -> str:
+        """A real llama-server (built by tests/realllama) on the random test model."""
+        port = free_port()
+        log = (self.workdir / f"llama-server-{port}.log").open("wb")
+        proc = subprocess.Popen([str(real.server), *server_args(real.model, port, slots)],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", proc, timeout_s=120)
+        return url
 
     def proxy(self, backends: list[tuple[str, str, str]], policy: str,
               affinity: bool = True) -> tuple[subprocess.Popen[bytes], str]:
@@ -176,16 +190,25 @@ def print_pool(title: str, results: dict[str, dict[int, dict[str, Any]]],
                   f"{m['llama_share']:>11.0%} {ratio:>15}")
 
 
-def agent_run(fleet: Fleet, profiles: list[tuple[str, str]], policy: str, affinity: bool,
-              speed: float) -> dict[str, Any]:
-    """One agent run on fresh emulators (so no cache is warm from an earlier run)."""
-    servers = [(name, get_profile(profile).engine, fleet.emulator(profile))
-               for name, profile in profiles]
+AGENT = {"conversations": 8, "turns": 8, "prefix_tokens": 2000, "turn_tokens": 1200,
+         "output_len": 64}
+# the real llama-server decodes the random test model on one CPU thread (~45 tok/s,
+# ~700 tok/s prefill): fewer, shorter turns whose history still outgrows each turn's news
+REAL_AGENT = {"conversations": 4, "turns": 6, "prefix_tokens": 400, "turn_tokens": 120,
+              "output_len": 16}
+
+
+def agent_run(fleet: Fleet, servers: list[tuple[str, str, str]], policy: str,
+              affinity: bool, speed: float, shape: dict[str, int]) -> dict[str, Any]:
+    """One agent run on freshly started servers (so no cache is warm from an earlier run)."""
     _, url = fleet.proxy(servers, policy, affinity)
     try:
         level = asyncio.run(agent_sessions(
-            Target("agents", url), Workload("chat", "m", input_len=8 * 1200, output_len=64),
-            conversations=8, turns=8, prefix_tokens=2000, timeout_s=900, show_progress=False))
+            Target("agents", url),
+            Workload("chat", "m", input_len=shape["turns"] * shape["turn_tokens"],
+                     output_len=shape["output_len"]),
+            conversations=shape["conversations"], turns=shape["turns"],
+            prefix_tokens=shape["prefix_tokens"], timeout_s=900, show_progress=False))
     finally:
         fleet.stop_all()
     per_turn: dict[int, list[float]] = {}
@@ -207,6 +230,12 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--skip-agent", action="store_true")
     parser.add_argument("--only-agent", action="store_true")
+    parser.add_argument("--real-llama", action="store_true",
+                        help="also run the agent workload on two real llama-server "
+                             "instances (built by tests/realllama/build.py)")
+    parser.add_argument("--real-llama-only", action="store_true",
+                        help="with --only-agent: run the agent workload on real llama-server "
+                             "instances only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -239,23 +268,39 @@ def main() -> None:
             report["pools"][title] = results
         if not args.skip_agent:
             agent: dict[str, Any] = {}
-            for title, profiles in (
-                ("llamacpp + vllm-fp8-aiter", [("llamacpp-q4km", "llamacpp-q4km"),
-                                               ("vllm-fp8-aiter", "vllm-fp8-aiter")]),
-                ("2 x llamacpp", [("llamacpp-a", "llamacpp-q4km"),
-                                  ("llamacpp-b", "llamacpp-q4km")]),
-            ):
+
+            def emulated(*profiles: tuple[str, str]) -> Any:
+                return lambda: [(name, get_profile(profile).engine, fleet.emulator(profile))
+                                for name, profile in profiles]
+
+            agent_pools: list[tuple[str, Any, float, dict[str, int]]] = [
+                ("llamacpp + vllm-fp8-aiter", emulated(("llamacpp-q4km", "llamacpp-q4km"),
+                                                       ("vllm-fp8-aiter", "vllm-fp8-aiter")),
+                 args.speed, AGENT),
+                ("2 x llamacpp", emulated(("llamacpp-a", "llamacpp-q4km"),
+                                          ("llamacpp-b", "llamacpp-q4km")),
+                 args.speed, AGENT),
+            ]
+            if args.real_llama_only:
+                agent_pools = []
+            if args.real_llama or args.real_llama_only:
+                real = prepare()
+                agent_pools.append(("2 x real llama-server", lambda: [
+                    (name, "llamacpp", fleet.llama_server(real, slots=2))
+                    for name in ("llama-a", "llama-b")], 1.0, REAL_AGENT))
+            for title, start, speed, shape in agent_pools:
                 for policy, affinity, label in (("adaptive", True, "adaptive, affinity on"),
                                                 ("adaptive", False, "adaptive, affinity off"),
                                                 ("round_robin", False, "round_robin")):
-                    agent[f"{title}: {label}"] = agent_run(fleet, profiles, policy,
-                                                           affinity, args.speed)
-            print("\n## agent workload (8 conversations x 8 turns of 1,200 new tokens, "
-                  "2,000-token shared prefix)\n")
+                    agent[f"{title}: {label}"] = agent_run(fleet, start(), policy,
+                                                           affinity, speed, shape)
+                    agent[f"{title}: {label}"]["workload"] = shape
+            print("\n## agent workload (conversations x turns, each turn adds turn_tokens "
+                  "of context and a reply; shared prefix)\n")
             for name, m in agent.items():
                 turns = " ".join(f"{v:.2f}" for v in m["per_turn"].values())
-                print(f"{name:<50} later turns {m['later_mean']:.2f} s  failed {m['failed']}"
-                      f"  per turn: {turns}")
+                print(f"{name:<50} later turns {m['later_mean']:.3f} s  failed {m['failed']}"
+                      f"  per turn: {turns}   {m['workload']}")
             report["agent"] = agent
     finally:
         fleet.stop_all()

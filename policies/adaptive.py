@@ -28,8 +28,11 @@ backend before its first answers come back.
 Session affinity (bounded preference): a request with an affinity key (x-session-id or
 session_id header, prompt_cache_key or user field, else a hash of its first messages)
 goes back to the backend that served its session, as long as that backend is eligible (so
-never past its capacity) and its cost is at most AFFINITY_SLACK times the best cost. That
-keeps llama.cpp's per-slot prompt cache and vLLM's prefix cache warm for agent sessions.
+never past its capacity) and its cost is at most AFFINITY_SLACK times the best cost plus
+the prefill a move would repeat (the request's body size over the best backend's learned
+prefill speed, in body bytes per second of TTFT from requests that prefilled >= 64 tokens
+not served from cache). That keeps llama.cpp's per-slot prompt cache and vLLM's prefix
+cache warm for agent sessions, the more so the longer the conversation.
 The session table keeps the most recent MAX_SESSIONS keys.
 """
 
@@ -72,7 +75,8 @@ class Adaptive:
         costs = {b.name: cost(b, request, prior_rate, prior_ttft) for b in found}
         best = min(found, key=lambda b: (costs[b.name], b.load, b.index))
         pick = best.name
-        if previous in costs and costs[previous] <= AFFINITY_SLACK * costs[best.name]:
+        if previous in costs and costs[previous] <= affinity_bound(costs[best.name], best,
+                                                                   request):
             pick = previous
         return self._route(request, pick)
 
@@ -87,6 +91,16 @@ class Adaptive:
         self._sessions.move_to_end(key)
         if len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
+
+
+def affinity_bound(best_cost: float, best: BackendSnapshot, request: RouteRequest) -> float:
+    """The most a session's own backend may cost and still be preferred to `best`:
+    AFFINITY_SLACK x best's cost, plus the prefill that moving would repeat on `best` (the
+    whole prompt, at best's learned prefill speed; nothing while that is unknown)."""
+    saved = 0.0
+    if best.prefill_chars_per_s:
+        saved = request.prompt_chars / best.prefill_chars_per_s
+    return AFFINITY_SLACK * best_cost + saved
 
 
 def cost(b: BackendSnapshot, request: RouteRequest, prior_rate: float,

@@ -6,24 +6,29 @@ from time import perf_counter
 
 from backends.stats import RequestResult
 
+MIN_PREFILL_TOKENS = 64  # below this, TTFT is mostly fixed cost, not prefill
+
 
 class Attempt:
     __slots__ = (
         "backend",
+        "cached_tokens",
         "concurrency",
         "ended_at",
         "first_content_at",
         "load_area_at_start",
         "outcome",
         "output_tokens",
+        "prompt_chars",
         "prompt_tokens",
         "sent_at",
         "started",
         "status",
     )
 
-    def __init__(self, backend: str, load_area: float) -> None:
+    def __init__(self, backend: str, load_area: float, prompt_chars: int = 0) -> None:
         self.backend = backend
+        self.prompt_chars = prompt_chars  # size of the request body
         self.sent_at = perf_counter()
         self.load_area_at_start = load_area  # the backend's in-flight integral right now
         self.concurrency: float | None = None  # its mean over this attempt, at the end
@@ -34,6 +39,10 @@ class Attempt:
         self.outcome = "upstream_error"
         self.prompt_tokens = 0
         self.output_tokens = 0
+        self.cached_tokens = 0  # of the prompt, served from the backend's prefix cache
+
+    def tokens(self, prompt: int, output: int, cached: int) -> None:
+        self.prompt_tokens, self.output_tokens, self.cached_tokens = prompt, output, cached
 
     def end(self, outcome: str) -> None:
         self.outcome = outcome
@@ -53,6 +62,15 @@ class Attempt:
             return None
         return self.ended_at - self.first_content_at
 
+    @property
+    def prefilled_chars(self) -> float | None:
+        """The part of the body the backend had to prefill (not cached), in body bytes;
+        None when too little was prefilled for its time to say much."""
+        uncached = self.prompt_tokens - self.cached_tokens
+        if self.prompt_tokens <= 0 or uncached < MIN_PREFILL_TOKENS:
+            return None
+        return self.prompt_chars * uncached / self.prompt_tokens
+
     def result(self) -> RequestResult:
         return RequestResult(
             outcome=self.outcome,
@@ -60,4 +78,5 @@ class Attempt:
             output_tokens=self.output_tokens,
             decode_s=self.decode_s,
             concurrency=self.concurrency,
+            prefilled_chars=self.prefilled_chars,
         )

@@ -64,7 +64,7 @@ class Forwarder:
                 raise
             self._metrics.queue_wait.observe(perf_counter() - queued_at)
             self._metrics.decisions.labels(name, self._admission.policy_name).inc()
-            attempt = Attempt(name, self._pool.load_area(name))
+            attempt = Attempt(name, self._pool.load_area(name), route.prompt_chars)
             attempts.append(attempt)
             try:
                 await self._try(request, attempt, send)
@@ -140,7 +140,7 @@ class Forwarder:
     ) -> None:
         body = await resp.read()
         if resp.status == 200 and b'"usage"' in body:
-            attempt.prompt_tokens, attempt.output_tokens = token_counts(usage_of_body(body))
+            attempt.tokens(*token_counts(usage_of_body(body)))
         attempt.status = resp.status
         attempt.started = True
         await respond(send, resp.status, body, self._headers(request, attempt, resp.content_type))
@@ -173,6 +173,6 @@ class Forwarder:
             lead = b"\n\n" if observer.mid_event else b""
             tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
         attempt.first_content_at = observer.first_content_at
-        attempt.prompt_tokens, attempt.output_tokens = token_counts(observer.usage())
+        attempt.tokens(*token_counts(observer.usage()))
         attempt.end(outcome)
         await send({"type": "http.response.body", "body": tail, "more_body": False})

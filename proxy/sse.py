@@ -146,13 +146,23 @@ def _find_usage(event: Any) -> dict[str, Any] | None:
     return None
 
 
-def token_counts(usage: dict[str, Any] | None) -> tuple[int, int]:
-    """(prompt, output) tokens from an OpenAI, Responses or Anthropic usage object."""
+def token_counts(usage: dict[str, Any] | None) -> tuple[int, int, int]:
+    """(prompt, output, cached prompt) tokens from an OpenAI, Responses or Anthropic usage
+    object; cached is 0 where the backend does not report it."""
     if not usage:
-        return 0, 0
+        return 0, 0, 0
     prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
     output = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    return (prompt if isinstance(prompt, int) else 0, output if isinstance(output, int) else 0)
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    if "cache_read_input_tokens" in usage:  # Anthropic: input_tokens excludes the cache
+        cached = _count(usage["cache_read_input_tokens"])
+        prompt = _count(prompt) + cached + _count(usage.get("cache_creation_input_tokens"))
+    return (_count(prompt), _count(output), _count(cached))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 def usage_of_body(body: bytes) -> dict[str, Any] | None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from backends.snapshot import BackendSnapshot, Health, PoolSnapshot
 from policies import POLICIES, NoBackend, PolicyConfig, Route, RouteRequest, Wait
+from policies.base import Decision
 
 
 def b(name: str, index: int, in_flight: int = 0, capacity: int | None = 4,
@@ -208,3 +210,30 @@ LATENCY_CASES = [
 def test_latency_picks(snapshot: PoolSnapshot, expected: str) -> None:
     decision = POLICIES["latency"](PolicyConfig(random.Random(0))).choose(R128, snapshot)
     assert decision == Route(expected)
+
+
+def test_affinity_bound_grows_with_the_prefill_a_move_would_repeat() -> None:
+    # two CPU-bound llama.cpp instances: a second stream halves each one's speed
+    flat = {1: 45.0, 2: 45.0}
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+
+    def turn(prompt_chars: int, prefill: float | None) -> Decision:
+        request = RouteRequest(endpoint="chat", model="m", max_tokens=16,
+                               prompt_chars=prompt_chars, affinity_key="s1")
+        # the session lives on a, which has one other stream; b is idle
+        snap = pool(replace(learned("a", 0, 1, flat), prefill_chars_per_s=prefill),
+                    replace(learned("b", 1, 0, flat), prefill_chars_per_s=prefill))
+        return policy.choose(request, snap)
+
+    assert policy.choose(RouteRequest(endpoint="chat", model="m", max_tokens=16,
+                                      affinity_key="s1"), pool(learned("a", 0, 0, flat))
+                         ) == Route("a")
+    # a costs ~0.94 s, b ~0.41 s: over 2x, and nothing known about prefill: the session moves
+    assert turn(6000, None) == Route("b")
+    assert policy.choose(RouteRequest(endpoint="chat", model="m", max_tokens=16,
+                                      affinity_key="s1"), pool(learned("a", 0, 0, flat))
+                         ) == Route("a")
+    # a long conversation (6,000 bytes at 3,000 bytes/s = 2 s of prefill to repeat) stays
+    assert turn(6000, 3000.0) == Route("a")
+    # a short one (0.1 s to repeat) still moves
+    assert turn(300, 3000.0) == Route("b")

@@ -266,19 +266,36 @@ def test_growing_conversation_reuses_the_prompt_cache(
     timings: list[dict[str, Any]] = []
     for turn in range(4):
         messages.append({"role": "user", "content": f"Turn {turn}: next step, please."})
-        raw = client.chat.completions.with_raw_response.create(
-            model=MODEL_ALIAS, messages=messages, max_tokens=12,
-            extra_headers={"x-session-id": "agent-1"})
-        reply = raw.parse()
+        if turn % 2:  # non-streamed turns
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL_ALIAS, messages=messages, max_tokens=12,
+                extra_headers={"x-session-id": "agent-1"})
+            reply = raw.parse()
+            assert reply.model_extra is not None
+            timing, usage = reply.model_extra["timings"], reply.usage
+            text = reply.choices[0].message.content or ""
+        else:  # streamed turns, as agents mostly send them
+            raw_stream = client.chat.completions.with_raw_response.create(
+                model=MODEL_ALIAS, messages=messages, max_tokens=12, stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"x-session-id": "agent-1"})
+            raw = raw_stream
+            chunks = list(raw_stream.parse())
+            timing = next(c.model_extra["timings"] for c in chunks
+                          if c.model_extra and "timings" in c.model_extra)
+            usage = next(c.usage for c in chunks if c.usage)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         served_by.append(raw.headers["x-sluiceway-backend"])
-        assert reply.model_extra is not None
-        timings.append(reply.model_extra["timings"])
+        timings.append(timing)
+        assert usage is not None and usage.prompt_tokens == timing["prompt_n"] + timing[
+            "cache_n"]
         if turn:
-            assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
-            assert reply.usage.prompt_tokens_details.cached_tokens == timings[-1]["cache_n"]
-        messages.append({"role": "assistant", "content": reply.choices[0].message.content
-                         or ""})
+            assert usage.prompt_tokens_details is not None
+            assert usage.prompt_tokens_details.cached_tokens == timing["cache_n"]
+        messages.append({"role": "assistant", "content": text})
     assert len(set(served_by)) == 1, served_by
+    # the first (streamed, uncached) turn taught sluiceway this backend's prefill speed
+    assert (backend_view(proxy, served_by[0])["prefill_chars_per_s"] or 0) > 0
     assert timings[0]["cache_n"] == 0
     for before, after in itertools.pairwise(timings):
         # at least the whole previous prompt came from the slot's cache

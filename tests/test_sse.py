@@ -20,7 +20,7 @@ def test_passthrough_is_byte_for_byte_and_reads_usage() -> None:
     observer = StreamObserver(strip_usage=False)
     assert run(observer, stream) == b"".join(stream)
     assert observer.first_content_at == 1.0  # the role-only chunk is not content
-    assert token_counts(observer.usage()) == (7, 3)
+    assert token_counts(observer.usage()) == (7, 3, 0)
 
 
 @pytest.mark.parametrize("cut", [1, 5, 17, 40, 61, 90])
@@ -30,7 +30,7 @@ def test_strip_removes_only_the_usage_event_whatever_the_chunking(cut: int) -> N
     chunks = [whole[:cut], whole[cut : cut * 2], whole[cut * 2 :]]
     observer = StreamObserver(strip_usage=True)
     assert run(observer, chunks) == ROLE + TOKEN + DONE
-    assert token_counts(observer.usage()) == (7, 3)
+    assert token_counts(observer.usage()) == (7, 3, 0)
 
 
 def test_content_markers_of_every_shape() -> None:
@@ -52,9 +52,21 @@ def test_event_end_handles_crlf() -> None:
 
 def test_usage_of_whole_bodies() -> None:
     assert token_counts(usage_of_body(b'{"usage":{"prompt_tokens":2,"completion_tokens":9}}')) == (
-        2, 9)
+        2, 9, 0)
     anthropic = b'{"type":"message","usage":{"input_tokens":4,"output_tokens":6}}'
-    assert token_counts(usage_of_body(anthropic)) == (4, 6)
+    assert token_counts(usage_of_body(anthropic)) == (4, 6, 0)
+    # cached prompt tokens: OpenAI / llama.cpp / vLLM details, Responses, Anthropic
+    openai = (b'{"usage":{"prompt_tokens":900,"completion_tokens":9,'
+              b'"prompt_tokens_details":{"cached_tokens":640}}}')
+    assert token_counts(usage_of_body(openai)) == (900, 9, 640)
+    responses = (b'{"usage":{"input_tokens":50,"output_tokens":5,'
+                 b'"input_tokens_details":{"cached_tokens":32}}}')
+    assert token_counts(usage_of_body(responses)) == (50, 5, 32)
+    cached = (b'{"type":"message","usage":{"input_tokens":4,"output_tokens":6,'
+              b'"cache_read_input_tokens":1200}}')
+    assert token_counts(usage_of_body(cached)) == (1204, 6, 1200)
+    assert token_counts({"prompt_tokens": 3, "completion_tokens": None,
+                         "prompt_tokens_details": None}) == (3, 0, 0)
     assert usage_of_body(b"not json") is None
 
 

@@ -193,9 +193,16 @@ def print_pool(title: str, results: dict[str, dict[int, dict[str, Any]]],
 AGENT = {"conversations": 8, "turns": 8, "prefix_tokens": 2000, "turn_tokens": 1200,
          "output_len": 64}
 # the real llama-server decodes the random test model on one CPU thread (~45 tok/s,
-# ~700 tok/s prefill): fewer, shorter turns whose history still outgrows each turn's news
-REAL_AGENT = {"conversations": 4, "turns": 6, "prefix_tokens": 400, "turn_tokens": 120,
-              "output_len": 16}
+# ~700 tok/s prefill): fewer, shorter turns. Two shapes: every turn the same size, and an
+# agent that opens with a large context (files, a task) and then adds small tool results
+REAL_AGENTS = (
+    {"conversations": 4, "turns": 6, "prefix_tokens": 400, "turn_tokens": 120,
+     "output_len": 16},
+    {"conversations": 4, "turns": 6, "prefix_tokens": 200, "first_turn_tokens": 800,
+     "turn_tokens": 40, "output_len": 16},
+    {"conversations": 4, "turns": 6, "prefix_tokens": 200, "first_turn_tokens": 800,
+     "turn_tokens": 40, "output_len": 16, "think_ms": 1500},
+)
 
 
 def agent_run(fleet: Fleet, servers: list[tuple[str, str, str]], policy: str,
@@ -208,7 +215,9 @@ def agent_run(fleet: Fleet, servers: list[tuple[str, str, str]], policy: str,
             Workload("chat", "m", input_len=shape["turns"] * shape["turn_tokens"],
                      output_len=shape["output_len"]),
             conversations=shape["conversations"], turns=shape["turns"],
-            prefix_tokens=shape["prefix_tokens"], timeout_s=900, show_progress=False))
+            prefix_tokens=shape["prefix_tokens"], timeout_s=900, show_progress=False,
+            first_turn_tokens=shape.get("first_turn_tokens"),
+            think_s=shape.get("think_ms", 0) / 1000 / speed))
     finally:
         fleet.stop_all()
     per_turn: dict[int, list[float]] = {}
@@ -236,6 +245,8 @@ def main() -> None:
     parser.add_argument("--real-llama-only", action="store_true",
                         help="with --only-agent: run the agent workload on real llama-server "
                              "instances only")
+    parser.add_argument("--real-shapes", default="abc",
+                        help="which real llama-server agent shapes to run (letters)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -285,9 +296,12 @@ def main() -> None:
                 agent_pools = []
             if args.real_llama or args.real_llama_only:
                 real = prepare()
-                agent_pools.append(("2 x real llama-server", lambda: [
-                    (name, "llamacpp", fleet.llama_server(real, slots=2))
-                    for name in ("llama-a", "llama-b")], 1.0, REAL_AGENT))
+                for i, shape in enumerate(REAL_AGENTS):
+                    if "abc"[i] not in args.real_shapes:
+                        continue
+                    agent_pools.append((f"2 x real llama-server ({'abc'[i]})", lambda: [
+                        (name, "llamacpp", fleet.llama_server(real, slots=2))
+                        for name in ("llama-a", "llama-b")], 1.0, shape))
             for title, start, speed, shape in agent_pools:
                 for policy, affinity, label in (("adaptive", True, "adaptive, affinity on"),
                                                 ("adaptive", False, "adaptive, affinity off"),

@@ -169,11 +169,16 @@ async def open_loop(
 async def agent_sessions(
     target: Target, workload: Workload, conversations: int, turns: int, *,
     prefix_tokens: int, timeout_s: float, seed: int = 0, show_progress: bool = True,
-    session_header: bool = True,
+    session_header: bool = True, first_turn_tokens: int | None = None,
+    think_s: float = 0.0,
 ) -> LevelResult:
     """`conversations` agents at once, each `turns` requests long: a stable shared prefix
     (system prompt), then a user message and the model's reply appended per turn, with an
-    `x-session-id` header, as coding agents do. Reports TTFT per turn."""
+    `x-session-id` header, as coding agents do. Each user message has
+    `workload.input_len / turns` words, the first one `first_turn_tokens` if given (an
+    agent's opening context: files, a task description). Between turns each agent waits a
+    uniform random 0..`think_s` seconds (running its tools), so turns arrive in no fixed
+    order. Reports TTFT per turn."""
     rng = random.Random(seed)
     # unique to this run, so a server's cache from an earlier run cannot serve it
     shared = f"session {RUN_NONCE}: " + words(prefix_tokens, random.Random(12345))
@@ -189,7 +194,8 @@ async def agent_sessions(
             conv = Conversation.start(index, shared)
             headers = _headers({"x-session-id": conv.session_id} if session_header else None)
             for turn in range(turns):
-                messages = conv.ask(f"task {index}.{turn}: " + words(per_turn_words, rng))
+                size = first_turn_tokens if turn == 0 and first_turn_tokens else per_turn_words
+                messages = conv.ask(f"task {index}.{turn}: " + words(size, rng))
                 record = RequestRecord(arrival=perf_counter(), turn=turn, text=[])
                 await send(session, url, workload.body_for(None, messages), headers, record,
                            timeout_s)
@@ -198,11 +204,14 @@ async def agent_sessions(
                 if not record.ok:
                     return
                 conv.answered("".join(record.text or []))
+                if think_s > 0:
+                    await asyncio.sleep(rng.uniform(0.0, think_s))
 
         await _with_progress(progress, asyncio.gather(*(run(i) for i in range(conversations))))
         duration = perf_counter() - started
     return LevelResult(target, workload, conversations, None, records, duration, started,
-                       extra={"turns": turns, "prefix_tokens": prefix_tokens})
+                       extra={"turns": turns, "prefix_tokens": prefix_tokens,
+                              "first_turn_tokens": first_turn_tokens, "think_s": think_s})
 
 
 async def discover_model(url: str) -> str:

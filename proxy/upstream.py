@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from proxy.errors import ProxyError, upstream_failed, upstream_overloaded, upstream_timeout
 from proxy.settings import TimeoutSettings
@@ -28,6 +29,7 @@ def make_session(timeouts: TimeoutSettings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
     return aiohttp.ClientSession(
         connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies of its own
         timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s, sock_read=None),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
@@ -114,6 +116,13 @@ class Upstream:
     def __init__(self, session: aiohttp.ClientSession, timeouts: TimeoutSettings) -> None:
         self._session = session
         self._timeouts = timeouts
+        self._urls: dict[str, URL] = {}  # parsed once: backends x endpoints, a few dozen
+
+    def _url(self, url: str) -> URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._urls[url] = URL(url)
+        return parsed
 
     async def post(
         self, backend: str, url: str, body: bytes, headers: Mapping[str, str]
@@ -123,7 +132,7 @@ class Upstream:
         deadline = loop.time() + self._timeouts.first_byte_s
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(url, data=body, headers=headers)
+                resp = await self._session.post(self._url(url), data=body, headers=headers)
         except aiohttp.ServerTimeoutError as exc:  # the connect timeout; before TimeoutError
             raise _wire_error(backend, exc) from None
         except TimeoutError:

@@ -3,6 +3,7 @@
 
     python benchmarks/overhead.py [--requests 2000] [--concurrency 1,64] [--tokens 64]
                                   [--token-delay-ms 0] [--no-nginx] [--install-nginx]
+                                  [--floor]
 
 nginx runs as a plain reverse proxy (one worker, `proxy_buffering off`, upstream
 keep-alive); `--install-nginx` installs Debian's package first when it is missing.
@@ -148,6 +149,9 @@ def main() -> None:
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
     parser.add_argument("--install-nginx", action="store_true",
                         help="apt-get install nginx-light if it is missing")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure benchmarks/relay_floor.py, a bare Python byte "
+                             "relay: the floor for any Python proxy here")
     args = parser.parse_args()
     try:
         import uvloop
@@ -172,7 +176,7 @@ def main() -> None:
         [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port",
          str(proxy_port), "--log-level", "warning"], cwd=ROOT)
     results: list[Result] = []
-    nginx = None
+    nginx = floor = None
     try:
         wait_http(f"http://127.0.0.1:{up_port}/health")
         wait_http(f"http://127.0.0.1:{proxy_port}/ready")
@@ -182,12 +186,19 @@ def main() -> None:
             nginx, nginx_port = start_nginx(work, up_port, args.install_nginx)
             wait_http(f"http://127.0.0.1:{nginx_port}/health")
             targets["nginx"] = f"http://127.0.0.1:{nginx_port}"
+        if args.floor:
+            floor_port = free_port()
+            floor = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.relay_floor", "--port", str(floor_port),
+                 "--upstream-port", str(up_port)], cwd=ROOT)
+            wait_http(f"http://127.0.0.1:{floor_port}/health", floor)
+            targets["py-floor"] = f"http://127.0.0.1:{floor_port}"
         for c in (int(x) for x in args.concurrency.split(",")):
             for name, base in targets.items():
                 results.append(run(name, base, args.requests, c, args.tokens))
         rss = peak_rss_mb(proxy.pid)
     finally:
-        for proc in (p for p in (nginx, proxy, upstream) if p is not None):
+        for proc in (p for p in (nginx, floor, proxy, upstream) if p is not None):
             proc.terminate()
             proc.wait(10)
     print(f"\n{args.requests} streams of {args.tokens} tokens, "

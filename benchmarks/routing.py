@@ -190,11 +190,19 @@ def print_pool(title: str, results: dict[str, dict[int, dict[str, Any]]],
                   f"{m['llama_share']:>11.0%} {ratio:>15}")
 
 
-AGENT = {"conversations": 8, "turns": 8, "prefix_tokens": 2000, "turn_tokens": 1200,
-         "output_len": 64}
+AGENTS = (
+    # (a) every turn adds 1,200 tokens, back to back
+    {"conversations": 8, "turns": 8, "prefix_tokens": 2000, "turn_tokens": 1200,
+     "output_len": 64},
+    # (b) an opening context of 8,000 tokens, then 200-token tool results, 0-2 s of tool
+    # time between turns (profile time)
+    {"conversations": 8, "turns": 8, "prefix_tokens": 2000, "first_turn_tokens": 8000,
+     "turn_tokens": 200, "output_len": 64, "think_ms": 2000},
+)
 # the real llama-server decodes the random test model on one CPU thread (~45 tok/s,
-# ~700 tok/s prefill): fewer, shorter turns. Two shapes: every turn the same size, and an
-# agent that opens with a large context (files, a task) and then adds small tool results
+# ~700 tok/s prefill): fewer, shorter turns. (a) every turn the same size; (b) an agent
+# that opens with a large context (files, a task), then adds small tool results; (c) the
+# same with 0-1.5 s of tool time between turns, so turns arrive in no fixed order
 REAL_AGENTS = (
     {"conversations": 4, "turns": 6, "prefix_tokens": 400, "turn_tokens": 120,
      "output_len": 16},
@@ -285,12 +293,14 @@ def main() -> None:
                                 for name, profile in profiles]
 
             agent_pools: list[tuple[str, Any, float, dict[str, int]]] = [
-                ("llamacpp + vllm-fp8-aiter", emulated(("llamacpp-q4km", "llamacpp-q4km"),
-                                                       ("vllm-fp8-aiter", "vllm-fp8-aiter")),
-                 args.speed, AGENT),
-                ("2 x llamacpp", emulated(("llamacpp-a", "llamacpp-q4km"),
-                                          ("llamacpp-b", "llamacpp-q4km")),
-                 args.speed, AGENT),
+                (f"{title} ({'ab'[i]})", start, args.speed, shape)
+                for title, start in (
+                    ("llamacpp + vllm-fp8-aiter", emulated(
+                        ("llamacpp-q4km", "llamacpp-q4km"),
+                        ("vllm-fp8-aiter", "vllm-fp8-aiter"))),
+                    ("2 x llamacpp", emulated(("llamacpp-a", "llamacpp-q4km"),
+                                              ("llamacpp-b", "llamacpp-q4km"))))
+                for i, shape in enumerate(AGENTS)
             ]
             if args.real_llama_only:
                 agent_pools = []

@@ -130,16 +130,29 @@ class Upstream:
         """Send the request and wait for the response headers."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeouts.first_byte_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(self._url(url), data=body, headers=headers)
-        except aiohttp.ServerTimeoutError as exc:  # the connect timeout; before TimeoutError
-            raise _wire_error(backend, exc) from None
-        except TimeoutError:
-            raise upstream_timeout(f"backend {backend} did not answer in time") from None
-        except _WIRE_ERRORS as exc:
-            raise _wire_error(backend, exc) from None
-        return UpstreamResponse(resp, backend, deadline, self._timeouts.idle_s)
+        for last_try in (False, True):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    resp = await self._session.post(self._url(url), data=body, headers=headers)
+                return UpstreamResponse(resp, backend, deadline, self._timeouts.idle_s)
+            except aiohttp.ServerTimeoutError as exc:  # the connect timeout; before TimeoutError
+                raise _wire_error(backend, exc) from None
+            except TimeoutError:
+                raise upstream_timeout(f"backend {backend} did not answer in time") from None
+            except _WIRE_ERRORS as exc:
+                if last_try or not _dropped_connection(exc):
+                    raise _wire_error(backend, exc) from None
+        raise AssertionError("unreachable")
+
+
+def _dropped_connection(exc: BaseException) -> bool:
+    """An established connection failed before any reply: typically a pooled keep-alive
+    connection the server closed just as the request went out (seen once against
+    llama-server in the real-server tests). Worth one more try on a fresh connection to
+    the same backend; a refused or timed-out connect is not this (the backend is down)."""
+    return isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) and not (
+        isinstance(exc, aiohttp.ClientConnectorError)
+    )
 
 
 def _wire_error(backend: str, exc: BaseException) -> ProxyError:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import socketserver
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -228,3 +231,58 @@ def test_emulated_backend_dying_mid_stream(launch: Launcher) -> None:
             if chunk.choices and chunk.choices[0].delta.content:
                 received.append(chunk.choices[0].delta.content)
     assert len(received) == 4 and "vllm" in str(err.value)
+
+
+class _DroppingHandler(socketserver.StreamRequestHandler):
+    """Serves one request per keep-alive connection, then drops the connection as the
+    next request on it arrives, without a reply: the race a pooled upstream connection
+    can lose against a server that closes it."""
+
+    def handle(self) -> None:
+        served = 0
+        while True:
+            line = self.rfile.readline()
+            if not line:
+                return
+            length = 0
+            while (header := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = header.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            self.rfile.read(length)
+            if served and line.startswith(b"POST"):
+                self.server.dropped += 1  # type: ignore[attr-defined]
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            served += 1
+            if line.startswith(b"GET /v1/models"):
+                body = b'{"object":"list","data":[{"id":"m","object":"model"}]}'
+            else:
+                body = (b'{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,'
+                        b'"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+                        b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.wfile.flush()
+
+
+def test_a_pooled_connection_dropped_by_the_backend_is_retried_on_a_new_one(
+        launch: Launcher) -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DroppingHandler)
+    server.daemon_threads = True
+    server.dropped = 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proxy = launch.proxy([backend("only", url, models=["m"])])
+        sdk = client(proxy.url)
+        for _ in range(4):  # back to back, so each reuses the connection the last one used
+            reply = sdk.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+            assert reply.choices[0].message.content == "ok"
+        assert server.dropped >= 3  # type: ignore[attr-defined]
+        assert metric(proxy.url, 'sluiceway_requests_total{backend="only"') == 4
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

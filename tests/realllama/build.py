@@ -128,7 +128,10 @@ def fetch_source(version: str, work: Path) -> Path:
     if version == LLAMA_CPP_PYTHON_VERSION and _sha256(archive) != SDIST_SHA256:
         raise RuntimeError(f"{archive.name}: sha256 does not match the pinned {SDIST_SHA256}")
     with tarfile.open(archive) as tar:
-        tar.extractall(work / "src", filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: refuse unsafe members
+            tar.extractall(work / "src", filter="data")
+        else:
+            tar.extractall(work / "src")  # a pinned, hash-checked archive
     tree = work / "src" / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     if not (tree / "tools" / "server").is_dir():
         raise RuntimeError(f"{tree}: no tools/server in the vendored llama.cpp")

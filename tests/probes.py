@@ -1,4 +1,4 @@
-"""Reading servers' state from the tests: Prometheus gauges and bounded polling."""
+"""Talking to servers from the tests: the openai SDK, Prometheus gauges, bounded polling."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import Server
@@ -28,3 +29,9 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 5.0) -> float:
         assert time.monotonic() - started < timeout_s, "condition not reached in time"
         time.sleep(0.02)
     return time.monotonic() - started
+
+
+def sdk(target: Server | str, timeout: float = 30) -> OpenAI:
+    """The official client on a server (or base URL), with no retries of its own."""
+    url = target if isinstance(target, str) else target.url
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)

@@ -11,10 +11,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from tests.conftest import Launcher
-from tests.probes import gauges, wait_for
+from tests.probes import gauges, sdk, wait_for
 from tests.processes import Server
 
 MODEL = "qwen3.6-35b-a3b"
@@ -33,10 +32,6 @@ def raw_post(server: Server, path: str, body: dict[str, Any]) -> socket.socket:
     sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
     return sock
-
-
-def sdk(server: Server) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def test_openai_sdk_chat_and_completions(engine: tuple[str, Server]) -> None:

@@ -11,16 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from loadgen.local import free_port
 from tests.conftest import Launcher, backend
+from tests.probes import sdk
 
 MSG = [{"role": "user", "content": "hello"}]
-
-
-def client(url: str, timeout: float = 30) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
 def metric(url: str, line_start: str) -> float:
@@ -35,7 +31,7 @@ def test_backend_down_from_the_start_is_never_used(launch: Launcher) -> None:
     proxy = launch.proxy([backend("dead", f"http://127.0.0.1:{free_port()}", models=["m"]),
                           backend("live", live, models=["m"])], routing={"policy": "spillover"})
     for _ in range(3):
-        raw = client(proxy.url).chat.completions.with_raw_response.create(
+        raw = sdk(proxy.url).chat.completions.with_raw_response.create(
             model="m", messages=MSG, max_tokens=2)
         assert raw.headers["x-sluiceway-backend"] == "live"
 
@@ -48,7 +44,7 @@ def test_connect_error_fails_over_and_marks_the_backend_down(launch: Launcher) -
         routing={"policy": "spillover"}, health={"interval_s": 60, "timeout_s": 1},
     )
     doomed.kill()  # the proxy still believes it healthy: the next probe is a minute away
-    raw = client(proxy.url).chat.completions.with_raw_response.create(
+    raw = sdk(proxy.url).chat.completions.with_raw_response.create(
         model="m", messages=MSG, max_tokens=2)
     assert raw.headers["x-sluiceway-backend"] == "live"
     assert metric(proxy.url, 'sluiceway_retries_total{backend="doomed"}') == 1
@@ -63,7 +59,7 @@ def test_500_before_streaming_is_retried_elsewhere(launch: Launcher, stream: boo
     proxy = launch.proxy([backend("flaky", flaky, models=["m"]),
                           backend("good", good, models=["m"])], routing={"policy": "spillover"})
     flaky.post("/_control", {"fail_status": 500, "fail_count": 1})
-    raw = client(proxy.url).chat.completions.with_raw_response.create(
+    raw = sdk(proxy.url).chat.completions.with_raw_response.create(
         model="m", messages=MSG, max_tokens=3, stream=stream)
     assert raw.headers["x-sluiceway-backend"] == "good"
     if stream:
@@ -81,7 +77,7 @@ def test_every_backend_failing_gives_502_in_openai_shape(launch: Launcher) -> No
     for upstream in (a, b):
         upstream.post("/_control", {"fail_status": 500, "fail_count": 5})
     with pytest.raises(openai.InternalServerError) as err:
-        client(proxy.url).chat.completions.create(model="m", messages=MSG, max_tokens=2)
+        sdk(proxy.url).chat.completions.create(model="m", messages=MSG, max_tokens=2)
     assert err.value.status_code == 502
     body = err.value.response.json()
     assert body["error"]["type"] == "server_error" and body["error"]["code"] == "upstream_error"
@@ -108,16 +104,16 @@ def test_no_request_lost_while_a_backend_is_killed_under_load(launch: Launcher) 
     b = launch.upstream("b", token_delay_ms=20)
     proxy = launch.proxy([backend("a", a, models=["m"]), backend("b", b, models=["m"])],
                          routing={"queue_timeout_s": 20})
-    sdk = client(proxy.url)
+    api = sdk(proxy.url)
 
     def one(i: int) -> str:
         stream = i % 2 == 0
         try:
             if not stream:
-                reply = sdk.chat.completions.create(model="m", messages=MSG, max_tokens=30)
+                reply = api.chat.completions.create(model="m", messages=MSG, max_tokens=30)
                 assert reply.choices[0].message.content
                 return "ok"
-            text = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
+            text = "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(
                 model="m", messages=MSG, max_tokens=30, stream=True) if c.choices)
             assert text.count("tok") == 30
             return "ok"
@@ -134,7 +130,7 @@ def test_no_request_lost_while_a_backend_is_killed_under_load(launch: Launcher) 
     assert all(r in ("ok", "stream-error") for r in results)
     # every non-streaming request succeeded: nothing had reached those clients yet
     assert results[1::2] == ["ok"] * 24
-    after = sdk.chat.completions.with_raw_response.create(model="m", messages=MSG, max_tokens=1)
+    after = api.chat.completions.with_raw_response.create(model="m", messages=MSG, max_tokens=1)
     assert after.headers["x-sluiceway-backend"] == "b"
 
 
@@ -148,7 +144,7 @@ def test_upstream_death_mid_stream_ends_with_an_sse_error_event(launch: Launcher
         events = [line for line in resp.iter_lines() if line.startswith("data:")]
     assert len(events) == 4 and '"error"' in events[-1] and "[DONE]" not in events[-1]
     with pytest.raises(openai.APIError):
-        list(client(proxy.url).chat.completions.create(model="m", messages=MSG,
+        list(sdk(proxy.url).chat.completions.create(model="m", messages=MSG,
                                                        max_tokens=10, stream=True))
 
 
@@ -169,7 +165,7 @@ def test_client_disconnect_reaches_the_upstream_within_a_second(launch: Launcher
     assert disconnects[0] - closed_at < 1.0
     # the slot is free again: a new request is admitted at once, not queued
     started = time.monotonic()
-    client(proxy.url, timeout=10).chat.completions.create(model="m", messages=MSG, max_tokens=1)
+    sdk(proxy.url, timeout=10).chat.completions.create(model="m", messages=MSG, max_tokens=1)
     assert time.monotonic() - started < 2
     assert metric(proxy.url, 'sluiceway_requests_total{backend="a",endpoint="chat",'
                              'outcome="client_closed"}') == 1
@@ -225,7 +221,7 @@ def test_emulated_backend_dying_mid_stream(launch: Launcher) -> None:
     proxy = launch.proxy([backend("vllm", vllm, kind="vllm", models=["m"])])
     received: list[str] = []
     with pytest.raises(openai.APIError) as err:
-        for chunk in client(proxy.url).chat.completions.create(
+        for chunk in sdk(proxy.url).chat.completions.create(
                 model="m", messages=MSG, max_tokens=50, stream=True,
                 extra_body={"ignore_eos": True}):
             if chunk.choices and chunk.choices[0].delta.content:
@@ -276,9 +272,9 @@ def test_a_pooled_connection_dropped_by_the_backend_is_retried_on_a_new_one(
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         proxy = launch.proxy([backend("only", url, models=["m"])])
-        sdk = client(proxy.url)
+        api = sdk(proxy.url)
         for _ in range(4):  # back to back, so each reuses the connection the last one used
-            reply = sdk.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+            reply = api.chat.completions.create(model="m", messages=MSG, max_tokens=1)
             assert reply.choices[0].message.content == "ok"
         assert server.dropped >= 3  # type: ignore[attr-defined]
         assert metric(proxy.url, 'sluiceway_requests_total{backend="only"') == 4

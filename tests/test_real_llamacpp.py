@@ -17,14 +17,13 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from openai import OpenAI
 
 from backends.config import BackendConfig
 from backends.monitor import Monitor
 from backends.pool import Pool
 from backends.snapshot import Health
 from tests.conftest import Launcher, backend
-from tests.probes import gauges, wait_for
+from tests.probes import gauges, sdk, wait_for
 from tests.processes import Server
 from tests.realllama.server import MODEL_ALIAS, RealLlama
 
@@ -33,10 +32,6 @@ SYSTEM = ("You are a careful assistant for a software team. " * 12).strip()
 
 def wait_healthy(server: Server, timeout_s: float = 60) -> None:
     wait_for(lambda: httpx.get(server.url + "/health", timeout=2).status_code == 200, timeout_s)
-
-
-def sdk(server: Server) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def backend_view(proxy: Server, name: str = "llama") -> dict[str, Any]:
@@ -128,7 +123,7 @@ def test_load_is_read_from_metrics_or_slots(
 
 def test_chat_stream_keeps_usage_and_timings(served: tuple[Server, Server]) -> None:
     _, proxy = served
-    chunks = list(sdk(proxy).chat.completions.create(
+    chunks = list(sdk(proxy, timeout=120).chat.completions.create(
         model=MODEL_ALIAS, messages=[{"role": "user", "content": "stream with usage"}],
         max_tokens=16, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -147,7 +142,7 @@ def test_chat_stream_keeps_usage_and_timings(served: tuple[Server, Server]) -> N
 def test_chat_stream_without_usage_gets_no_injected_usage_chunk(
         served: tuple[Server, Server]) -> None:
     _, proxy = served
-    chunks = list(sdk(proxy).chat.completions.create(
+    chunks = list(sdk(proxy, timeout=120).chat.completions.create(
         model=MODEL_ALIAS, messages=[{"role": "user", "content": "plain stream"}],
         max_tokens=8, stream=True))
     assert all(c.choices for c in chunks)  # sluiceway asked for usage; the client did not
@@ -162,7 +157,7 @@ def test_chat_stream_without_usage_gets_no_injected_usage_chunk(
 
 def test_chat_non_stream(served: tuple[Server, Server]) -> None:
     _, proxy = served
-    raw = sdk(proxy).chat.completions.with_raw_response.create(
+    raw = sdk(proxy, timeout=120).chat.completions.with_raw_response.create(
         model=MODEL_ALIAS, messages=[{"role": "user", "content": "hello"}], max_tokens=12)
     reply = raw.parse()
     assert raw.headers["x-sluiceway-backend"] == "llama"
@@ -173,7 +168,7 @@ def test_chat_non_stream(served: tuple[Server, Server]) -> None:
 
 def test_completions_stream_and_non_stream(served: tuple[Server, Server]) -> None:
     _, proxy = served
-    client = sdk(proxy)
+    client = sdk(proxy, timeout=120)
     reply = client.completions.create(model=MODEL_ALIAS, prompt="Once upon a time",
                                       max_tokens=10)
     assert reply.choices[0].text
@@ -207,7 +202,7 @@ def test_disconnect_mid_stream_frees_the_slot(launch: Launcher, real_llama: Real
     assert not any(s["is_processing"] for s in slots)
     assert backend_view(proxy)["in_flight"] == 0
     # the one slot serves the next request at once
-    reply = sdk(proxy).chat.completions.create(
+    reply = sdk(proxy, timeout=120).chat.completions.create(
         model=MODEL_ALIAS, messages=[{"role": "user", "content": "next"}], max_tokens=4)
     assert reply.usage is not None and reply.usage.completion_tokens == 4
     assert freed_in < 2.0
@@ -219,7 +214,7 @@ def test_more_clients_than_slots_wait_in_sluiceway_not_in_llama(
     wait_healthy(llama)
     proxy = launch.proxy([backend("llama", llama, kind="llamacpp")])
     assert backend_view(proxy)["capacity"] == 2
-    client = sdk(proxy)
+    client = sdk(proxy, timeout=120)
     results: list[int] = []
     errors: list[BaseException] = []
 
@@ -260,7 +255,7 @@ def test_growing_conversation_reuses_the_prompt_cache(
     wait_healthy(second)
     proxy = launch.proxy([backend("llama-a", first, kind="llamacpp"),
                           backend("llama-b", second, kind="llamacpp")])
-    client = sdk(proxy)
+    client = sdk(proxy, timeout=120)
     messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
     served_by: list[str] = []
     timings: list[dict[str, Any]] = []

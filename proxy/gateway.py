@@ -15,7 +15,7 @@ from proxy.admission import Admission
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.upstream import Upstream, make_session
+from proxy.upstream import Upstream, make_client
 
 
 class Gateway:
@@ -30,7 +30,7 @@ class Gateway:
             self.pool, self.policy, routing.queue_size, routing.queue_timeout_s
         )
         self.metrics = Metrics(self.pool, lambda: self.admission.depth)
-        self._data = make_session(settings.timeouts)
+        self._data = make_client(settings.timeouts)
         self._control = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=settings.health.timeout_s)
         )

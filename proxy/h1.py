@@ -1,0 +1,392 @@
+"""The data plane's HTTP/1.1 client: keep-alive connections on asyncio protocols.
+
+sluiceway sends one kind of request upstream (a POST with a small JSON body) and relays
+what comes back, often thousands of small SSE chunks a second. A general client spends most
+of its time per request on machinery this does not need (middleware, cookie and redirect
+handling, per-request objects and timers, stream readers layered on stream readers), so the
+hot path has its own: one `transport.write` per request, the llhttp parser (httptools)
+calling straight into the response, and body bytes handed to the reader as they arrive.
+
+- `H1Client` keeps idle connections per origin (scheme, host, port), reused most-recent
+  first; one idle for longer than `keepalive_s` (or closed by the server) is discarded.
+- `Response` buffers the body between the socket and its reader; past `HIGH_WATER` bytes
+  the socket stops being read until the reader catches up, so a slow client cannot make
+  the proxy buffer a whole reply.
+- Failures are this module's own exceptions (`ConnectFailed`, `Dropped`, `BadResponse`);
+  proxy/upstream.py, the one boundary with the upstream network, translates them.
+
+Timeouts other than connecting are the caller's: it wraps `request` and reads in its own
+deadlines. The monitor's probes keep using aiohttp (few, slow, and not on the hot path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+HIGH_WATER = 1 << 20  # body bytes buffered for a reader before the socket is paused
+LOW_WATER = HIGH_WATER // 4  # reading resumes once the reader has taken the buffer below
+
+
+class WireError(Exception):
+    """Anything that went wrong on an upstream connection."""
+
+
+class ConnectFailed(WireError):
+    """No connection could be made (refused, unreachable, timed out): the backend is down."""
+
+
+class Dropped(WireError):
+    """An established connection closed or reset before the response was complete.
+    `before_reply` is true when not even the status line had arrived."""
+
+    def __init__(self, message: str, before_reply: bool) -> None:
+        super().__init__(message)
+        self.before_reply = before_reply
+
+
+class BadResponse(WireError):
+    """The upstream sent something that is not HTTP/1.x."""
+
+
+class BadHeader(WireError):
+    """A header to send has a line break or a character outside latin-1 (a configured
+    key, say; headers from clients were already checked by the server's parser)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A parsed request URL: where to connect and what to send on the request line."""
+
+    scheme: str
+    host: str
+    port: int
+    path: bytes  # path and query, as sent
+    host_header: bytes
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+
+def parse_url(url: str) -> Target:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    default = 443 if parts.scheme == "https" else 80
+    port = parts.port or default
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default else f"{shown}:{port}"
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(parts.scheme, host, port, path.encode("ascii"), host_header.encode("idna"))
+
+
+class Response:
+    """One response: status and headers once `H1Client.request` returns, then the body."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers",
+                 "status")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.status = 0
+        self.headers: dict[str, str] = {}  # lower-cased names; a repeated header's last value
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._done = False  # the whole body has arrived
+        self._error: WireError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    async def readany(self) -> bytes:
+        """The body bytes that have arrived (waiting for some), or b"" at its end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        if self._buffered > LOW_WATER:
+            self._conn.resume()
+        self._buffered = 0
+        return data
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    # called by the connection, on the event loop
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: WireError) -> None:
+        if not self._done:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; carries one response at a time."""
+
+    def __init__(self, client: H1Client, origin: tuple[str, str, int]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.origin = origin
+        self.idle_since = 0.0
+        self._client = client
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: Response | None = None
+        self._headers_ready: asyncio.Future[None] | None = None
+        self._keep_alive = False
+        self._until_eof = False  # a body without a length ends when the connection does
+        self._informational = False  # skipping a 1xx response
+        self._paused = False
+        self.closed = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._response is None:  # nothing was asked: not a connection to keep
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._abandon(BadResponse(f"unparseable response: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost finishes or fails the response
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._client._forget(self)
+        response = self._response
+        if response is None:
+            return
+        if self._until_eof and self._headers_ready is not None and self._headers_ready.done():
+            response._finish()
+        else:
+            reason = type(exc).__name__ if exc is not None else "closed by the server"
+            self._abandon(Dropped(f"connection lost ({reason})",
+                                  before_reply=not response.status))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._response is not None
+        self._response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        assert response is not None and self._headers_ready is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # informational: the real response follows
+            self._informational = True
+            response.headers.clear()
+            return
+        response.status = status
+        headers = response.headers
+        self._until_eof = (
+            "content-length" not in headers and "chunked" not in
+            headers.get("transfer-encoding", "").lower() and status not in (204, 304)
+        )
+        if not self._headers_ready.done():
+            self._headers_ready.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        assert self._response is not None
+        self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        assert self._response is not None
+        self._keep_alive = self._parser.should_keep_alive()
+        self._response._finish()
+
+    # used by the client and the response
+    def send(self, data: bytes) -> tuple[Response, asyncio.Future[None]]:
+        assert self._transport is not None
+        self._response = Response(self)
+        self._headers_ready = self.loop.create_future()
+        self._keep_alive = False
+        self._until_eof = False
+        self._transport.write(data)
+        return self._response, self._headers_ready
+
+    def reusable(self) -> bool:
+        response = self._response
+        return (not self.closed and self._keep_alive and response is not None
+                and response.complete and not self._paused)
+
+    def detach(self) -> None:
+        """The response is done with; the connection may carry the next one."""
+        self._response = None
+        self._headers_ready = None
+
+    def pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self._transport is not None and not self.closed:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()  # nothing of ours is left to flush; free the peer now
+
+    def _abandon(self, error: WireError) -> None:
+        if self._headers_ready is not None and not self._headers_ready.done():
+            self._headers_ready.set_exception(error)
+            self._headers_ready.exception()  # retrieved by the caller, or by nobody
+        if self._response is not None:
+            self._response._fail(error)
+        self.close()
+
+
+class H1Client:
+    """Keep-alive HTTP/1.1 connections to upstreams, pooled per origin."""
+
+    def __init__(self, connect_timeout_s: float, keepalive_s: float = 60.0) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._keepalive_s = keepalive_s
+        self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
+        self._busy: set[_Connection] = set()
+        self._tls: ssl.SSLContext | None = None
+
+    async def request(self, target: Target, body: bytes,
+                      headers: Mapping[str, str]) -> Response:
+        """POST `body` to `target` and wait for the status line and headers.
+        Raises WireError."""
+        head = _request_head(target, headers, len(body))
+        conn = self._take_idle(target.origin)
+        if conn is None:
+            conn = await self._connect(target)
+        self._busy.add(conn)
+        response, ready = conn.send(head + body)
+        try:
+            await ready
+        except BaseException:
+            self.discard(response)
+            raise
+        return response
+
+    def release(self, response: Response) -> None:
+        """Done with a response: keep its connection if the body was read to the end and
+        the server allows keep-alive, else close it."""
+        conn = response._conn
+        self._busy.discard(conn)
+        if not conn.reusable():
+            conn.close()
+            return
+        conn.detach()
+        conn.idle_since = conn.loop.time()
+        self._idle.setdefault(conn.origin, collections.deque()).append(conn)
+
+    def discard(self, response: Response) -> None:
+        """Close the response's connection now (the reader gave up on it)."""
+        conn = response._conn
+        self._busy.discard(conn)
+        conn.close()
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+        for conn in list(self._busy):
+            conn.close()
+        self._busy.clear()
+        await asyncio.sleep(0)  # let the transports run their connection_lost
+
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def _take_idle(self, origin: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        while idle and now - idle[0].idle_since > self._keepalive_s:
+            idle.popleft().close()  # the oldest first: past keep-alive, not worth a try
+        while idle:
+            conn = idle.pop()  # the most recently used: the likeliest to be alive
+            if not conn.closed:
+                return conn
+        return None
+
+    def _forget(self, conn: _Connection) -> None:
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def _connect(self, target: Target) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = None
+        if target.scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, target.origin), target.host, target.port,
+                    ssl=tls, server_hostname=target.host if tls else None,
+                )
+        except TimeoutError:
+            raise ConnectFailed(f"connect timeout ({self._connect_timeout_s:g} s)") from None
+        except OSError as exc:
+            raise ConnectFailed(f"{type(exc).__name__}: {exc.strerror or exc}") from None
+        return conn
+
+
+def _request_head(target: Target, headers: Mapping[str, str], length: int) -> bytes:
+    text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if text.count("\n") != len(headers) or text.count("\r") != len(headers):
+        raise BadHeader("a header to send upstream contains a line break")
+    try:
+        encoded = text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise BadHeader("a header to send upstream is not latin-1") from None
+    return b"".join((b"POST ", target.path, b" HTTP/1.1\r\nhost: ", target.host_header,
+                     b"\r\n", encoded, b"content-length: %d\r\n\r\n" % length))

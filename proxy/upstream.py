@@ -16,8 +16,16 @@ from collections.abc import AsyncIterator, Mapping
 import orjson
 
 from proxy.errors import ProxyError, upstream_failed, upstream_overloaded, upstream_timeout
-from proxy.h1 import BadHeader, ConnectFailed, Dropped, H1Client, Response, Target, \
-    WireError, parse_url
+from proxy.h1 import (
+    BadHeader,
+    ConnectFailed,
+    Dropped,
+    H1Client,
+    Response,
+    Target,
+    WireError,
+    parse_url,
+)
 from proxy.settings import TimeoutSettings
 
 

@@ -6,13 +6,17 @@ is the per-stream rate at k streams, and
 
     cost_b = TTFT_b(n + 1)                                 wait for the first token
            + O / r_b(n + 1)                                 its own decode time
-           + n * (O / 2) * (1 / r_b(n + 1) - 1 / r_b(n))    delay it adds to the n already
-                                                            there, each ~O/2 tokens from done
+           + n * O * (1 / r_b(n + 1) - 1 / r_b(n))          delay it adds to the n streams
+                                                            that run beside it
 
 O is the request's max_tokens, else the backend's mean reply length. The last term makes
-this the marginal cost in total time-in-system, so minimising it keeps the sum of all
-requests' latencies low (and, in a closed loop, by Little's law, total throughput high),
-not only the new request's. A lone request goes to the backend with the fastest single
+this the marginal cost in total time-in-system: for as long as the new request runs
+(O tokens), the n streams beside it each run at r_b(n + 1) instead of r_b(n); a stream
+that finishes meanwhile is, under steady load, replaced by another that is slowed the same
+way, so the slowdown lasts the new request's whole life, not only the others' remaining
+half. To first order this cost is O / (T_b(n + 1) - T_b(n)): the request goes where it adds
+the most aggregate throughput, which in a closed loop (by Little's law) maximises the
+pool's, not only where it would itself finish first. A lone request goes to the backend with the fastest single
 stream; under load, to the one whose curve is still climbing; a backend whose curve is flat
 (llama.cpp past a few streams) makes every added stream slow down all the others, so it
 stops receiving work long before its slot count.
@@ -112,5 +116,5 @@ def cost(b: BackendSnapshot, request: RouteRequest, prior_rate: float,
     others = 0.0
     if n:
         before = model.aggregate_tok_s(b, n, prior_rate) / n
-        others = n * (tokens / 2) * max(0.0, 1 / max(after, 1e-6) - 1 / max(before, 1e-6))
+        others = n * tokens * max(0.0, 1 / max(after, 1e-6) - 1 / max(before, 1e-6))
     return model.ttft_s(b, n + 1, prior_ttft) + own + others

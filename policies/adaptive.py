@@ -1,25 +1,34 @@
 """adaptive (the default): the backend where one more request costs least, in seconds.
 
 For each eligible backend b with n requests in flight, from its learned throughput curve
-T_b (aggregate output tok/s at a concurrency; see policies/model.py), r_b(k) = T_b(k) / k
-is the per-stream rate at k streams, and
+T_b (aggregate output tok/s at a concurrency; see policies/model.py):
 
-    cost_b = TTFT_b(n + 1)                                 wait for the first token
-           + O / r_b(n + 1)                                 its own decode time
-           + n * O * (1 / r_b(n + 1) - 1 / r_b(n))          delay it adds to the n streams
-                                                            that run beside it
+    cost_b = TTFT_b(n + 1)                            wait for the first token
+           + O / max(T_b(n + 1) - T_b(n),            decode time at the throughput this
+                     T_b(n + 1) / (n + 1) / 2)       request adds to the backend
 
-O is the request's max_tokens, else the backend's mean reply length. The last term makes
-this the marginal cost in total time-in-system: for as long as the new request runs
-(O tokens), the n streams beside it each run at r_b(n + 1) instead of r_b(n); a stream
-that finishes meanwhile is, under steady load, replaced by another that is slowed the same
-way, so the slowdown lasts the new request's whole life, not only the others' remaining
-half. To first order this cost is O / (T_b(n + 1) - T_b(n)): the request goes where it adds
-the most aggregate throughput, which in a closed loop (by Little's law) maximises the
-pool's, not only where it would itself finish first. A lone request goes to the backend with the fastest single
-stream; under load, to the one whose curve is still climbing; a backend whose curve is flat
-(llama.cpp past a few streams) makes every added stream slow down all the others, so it
-stops receiving work long before its slot count.
+O is the request's max_tokens, else the backend's mean reply length. The first term of the
+max is the marginal throughput: what the backend's total output rate gains by taking one
+more stream. Under steady load the new stream takes that much of the backend's output (the
+others slow down to make room for it), so O / marginal counts its decode time in the whole
+backend's work: its own decode time plus the delay it imposes on every stream beside it.
+Minimising it sends each request where it adds the most aggregate throughput, which in a
+closed loop (Little's law) maximises the pool's. On a backend still scaling linearly it is
+close to O / r (r = T / n, the per-stream rate); on llama.cpp, whose second stream nearly
+halves the first one's speed for little gain, it is several times that.
+
+The second term caps the charge at twice the request's own decode time, O / r(n + 1). That
+is what it costs in time-in-system on a backend that does not scale at all (flat T): every
+token it gets is taken from the n streams beside it, which together lose O tokens, or
+n O / T seconds of their time, against its own (n + 1) O / T: less than its own time
+again. A backend whose curve has gone flat is thus ranked by how slow its streams are
+rather than ruled out, and a session's own busy llama.cpp can still beat repeating a long
+prefill elsewhere (see affinity below).
+
+A first-order version, O / r(n+1) + n * O * (1/r(n+1) - 1/r(n)), underestimates a bend as
+steep as llama.cpp's first one and put a second stream on llama.cpp at 32 concurrent,
+where one is best (measured: llama.cpp held 2 of 32 streams most of the time, 1.02x the
+best single backend; see docs/benchmarks.md).
 
 Pick: lowest cost; ties by in_flight / capacity, then config order. Exploration: an idle
 backend with no completed request yet is chosen first (config order), so every backend is
@@ -111,10 +120,7 @@ def cost(b: BackendSnapshot, request: RouteRequest, prior_rate: float,
          prior_ttft: float) -> float:
     n = b.in_flight
     tokens = model.output_tokens(b, request.max_tokens)
-    after = model.aggregate_tok_s(b, n + 1, prior_rate) / (n + 1)  # per stream, with it
-    own = tokens / max(after, 1e-6)
-    others = 0.0
-    if n:
-        before = model.aggregate_tok_s(b, n, prior_rate) / n
-        others = n * tokens * max(0.0, 1 / max(after, 1e-6) - 1 / max(before, 1e-6))
-    return model.ttft_s(b, n + 1, prior_ttft) + own + others
+    after = model.aggregate_tok_s(b, n + 1, prior_rate)
+    margin = after - model.aggregate_tok_s(b, n, prior_rate)
+    margin = max(margin, after / (n + 1) / 2, 1e-6)
+    return model.ttft_s(b, n + 1, prior_ttft) + tokens / margin

@@ -4,7 +4,12 @@ For every finished request the proxy knows how many tokens it produced, how long
 took, its TTFT, and the average number of requests in flight on that backend during its
 life (from an exact time integral of the in-flight count). That gives one sample of the
 per-stream decode rate r(b) and of TTFT at concurrency b. Samples go into buckets of
-concurrency (exact up to 4, then about 1.5x apart) as exponentially weighted averages.
+concurrency (exact up to 4, then about 1.5x apart): a bucket's first samples are averaged
+(weight 1/k for its k-th), later ones enter with weight ALPHA. One request's rate varies a
+lot with the prefills that happen to share its steps, and the policy reads differences
+between neighbouring buckets (the marginal throughput), so a bucket has to average over
+about ten requests: with ALPHA = 0.25 the noise alone put a second stream on llama.cpp at
+32 concurrent about half the time.
 
 Following a backend that changes speed: a sample that differs from its bucket's estimate by
 a ratio q also moves every other bucket of that curve by q^DRIFT, so the whole curve
@@ -16,7 +21,8 @@ from __future__ import annotations
 import bisect
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-ALPHA = 0.25  # weight of a new sample in its bucket
+ALPHA = 0.1  # weight of a new rate sample in a bucket past its first 1 / ALPHA samples
+TTFT_ALPHA = 0.25  # weight of a new TTFT sample (queueing changes TTFT quickly)
 DRIFT = 0.1  # exponent with which a surprise moves the other buckets
 
 
@@ -34,11 +40,12 @@ def bucket_of(concurrency: float) -> int:
 class CurveLearner:
     """Per-bucket moving estimates of per-stream decode tok/s and of TTFT seconds."""
 
-    __slots__ = ("_rate", "_samples", "_ttft")
+    __slots__ = ("_count", "_rate", "_samples", "_ttft")
 
     def __init__(self) -> None:
         self._rate: list[float | None] = [None] * len(BUCKETS)
         self._ttft: list[float | None] = [None] * len(BUCKETS)
+        self._count = [0] * len(BUCKETS)  # rate samples per bucket
         self._samples = 0
 
     @property
@@ -50,18 +57,20 @@ class CurveLearner:
         i = bucket_of(max(1.0, concurrency))
         if stream_tok_s is not None and stream_tok_s > 0:
             self._samples += 1
+            self._count[i] += 1
+            weight = max(ALPHA, 1 / self._count[i])
             old = self._rate[i]
             if old is None:
                 self._rate[i] = stream_tok_s
             else:
-                self._rate[i] = old + ALPHA * (stream_tok_s - old)
+                self._rate[i] = old + weight * (stream_tok_s - old)
                 factor = (stream_tok_s / old) ** DRIFT
                 for j, value in enumerate(self._rate):
                     if j != i and value is not None:
                         self._rate[j] = value * factor
         if ttft_s is not None and ttft_s >= 0:
             old_t = self._ttft[i]
-            self._ttft[i] = ttft_s if old_t is None else old_t + ALPHA * (ttft_s - old_t)
+            self._ttft[i] = ttft_s if old_t is None else old_t + TTFT_ALPHA * (ttft_s - old_t)
 
     def throughput_points(self) -> tuple[tuple[int, float], ...]:
         """(concurrency, aggregate tok/s) for every bucket seen, by concurrency."""

@@ -1,4 +1,5 @@
-"""Which upstream HTTP client for the hot path: aiohttp or httpx? Measured, side by side.
+"""Which upstream HTTP client for the hot path? Measured, side by side: aiohttp, httpx, and
+sluiceway's own (proxy/h1.py: asyncio protocol + httptools, what the proxy uses).
 
 Starts `benchmarks.fast_upstream` (64-chunk streams, no delay) in its own process, then in
 this process streams the same requests with each client at the same concurrency and
@@ -25,6 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from loadgen.local import free_port, wait_http  # noqa: E402
+from proxy.h1 import H1Client, parse_url  # noqa: E402
 
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":64,' \
        b'"stream":true}'
@@ -63,6 +65,25 @@ async def run_httpx(url: str, requests: int, concurrency: int) -> int:
     return chunks
 
 
+async def run_h1(url: str, requests: int, concurrency: int) -> int:
+    chunks = 0
+    client = H1Client(connect_timeout_s=5)
+    target = parse_url(url)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        nonlocal chunks
+        async with gate:
+            resp = await client.request(target, BODY, HEADERS)
+            while chunk := await resp.readany():
+                chunks += chunk.count(b"data:")
+            client.release(resp)
+
+    await asyncio.gather(*(one() for _ in range(requests)))
+    await client.close()
+    return chunks
+
+
 Runner = Callable[[str, int, int], Awaitable[int]]
 
 
@@ -92,7 +113,8 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{port}/health")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         results = {name: measure(fn, url, args.requests, args.concurrency)
-                   for name, fn in (("aiohttp", run_aiohttp), ("httpx", run_httpx))}
+                   for name, fn in (("aiohttp", run_aiohttp), ("httpx", run_httpx),
+                                           ("h1", run_h1))}
     finally:
         server.terminate()
         server.wait(10)
@@ -101,8 +123,9 @@ def main() -> None:
     print(f"{'client':<8} {'events/s (wall)':>16} {'events/CPU-s':>14}")
     for name, (wall, cpu) in results.items():
         print(f"{name:<8} {wall:>16,.0f} {cpu:>14,.0f}")
-    a, h = results["aiohttp"], results["httpx"]
+    a, h, own = results["aiohttp"], results["httpx"], results["h1"]
     print(f"aiohttp / httpx: {a[0] / h[0]:.2f}x wall, {a[1] / h[1]:.2f}x per CPU-second")
+    print(f"h1 / aiohttp: {own[0] / a[0]:.2f}x wall, {own[1] / a[1]:.2f}x per CPU-second")
 
 
 if __name__ == "__main__":

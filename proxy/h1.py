@@ -302,8 +302,12 @@ class H1Client:
         conn = self._take_idle(target.origin)
         if conn is None:
             conn = await self._connect(target)
+        try:
+            response, ready = conn.send(head + body)
+        except (OSError, RuntimeError) as exc:  # the transport closed under us
+            conn.close()
+            raise Dropped(f"connection lost ({type(exc).__name__})", before_reply=True) from None
         self._busy.add(conn)
-        response, ready = conn.send(head + body)
         try:
             await ready
         except BaseException:

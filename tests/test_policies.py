@@ -134,6 +134,17 @@ ADAPTIVE_CASES = [
     (pool(learned("llama", 0, 4, LLAMA, TTFT), learned("new", 1, 0, {}, {})), "new"),
     # TTFT counts: same curves, but one backend is predicted 2 s slower to first token
     (pool(learned("a", 0, 0, AITER, {1: 2.0}), learned("b", 1, 0, AITER, {1: 0.02})), "b"),
+    # curves as learned from the emulators at 32 concurrent (decode-only rates): llama.cpp's
+    # second stream adds 14 tok/s, vLLM's 31st about 60: vLLM
+    (pool(learned("llama", 0, 1, {1: 130, 2: 144, 4: 193, 8: 286}, {1: 0.1, 2: 0.12}),
+          learned("vllm", 1, 30, {8: 706, 24: 1887, 32: 2367}, {8: 0.08, 32: 0.3})), "vllm"),
+    # vLLM FP8 measured only up to 24, still scaling (49 tok/s per added stream), with 26 in
+    # flight, against a sixth llama.cpp stream: the slope carries on past 24, so vLLM (a
+    # plain sqrt extrapolation made it look flat there and gave the stream to llama.cpp)
+    (pool(learned("llama", 0, 5, {1: 125, 2: 144, 3: 171, 6: 259, 12: 267},
+                  {1: 0.1, 6: 0.49, 12: 1.05}),
+          learned("vllm", 1, 26, {1: 104, 3: 223, 6: 410, 24: 1300}, {6: 0.04, 24: 0.27})),
+     "vllm"),
 ]
 
 

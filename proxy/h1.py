@@ -12,10 +12,15 @@ calling straight into the response, and body bytes handed to the reader as they 
 - `Response` buffers the body between the socket and its reader; past `HIGH_WATER` bytes
   the socket stops being read until the reader catches up, so a slow client cannot make
   the proxy buffer a whole reply.
-- Failures are this module's own exceptions (`ConnectFailed`, `Dropped`, `BadResponse`);
+- A body read can be watched for idleness (`Response.watch_idle`): one timer per response,
+  re-armed only when it fires before the idle time has passed since the last bytes, so the
+  per-chunk path schedules no timers (rescheduling a deadline on every chunk cost two heap
+  operations per SSE event).
+- Failures are this module's own exceptions (`ConnectFailed`, `Dropped`, `Stalled`,
+  `BadResponse`, `BadHeader`);
   proxy/upstream.py, the one boundary with the upstream network, translates them.
 
-Timeouts other than connecting are the caller's: it wraps `request` and reads in its own
+Other timeouts are the caller's: it wraps `request` and the first read in its own
 deadlines. The monitor's probes keep using aiohttp (few, slow, and not on the hot path).
 """
 
@@ -56,6 +61,10 @@ class BadResponse(WireError):
     """The upstream sent something that is not HTTP/1.x."""
 
 
+class Stalled(WireError):
+    """No body bytes arrived for the response's idle timeout."""
+
+
 class BadHeader(WireError):
     """A header to send has a line break or a character outside latin-1 (a configured
     key, say; headers from clients were already checked by the server's parser)."""
@@ -94,8 +103,19 @@ def parse_url(url: str) -> Target:
 class Response:
     """One response: status and headers once `H1Client.request` returns, then the body."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers",
-                 "status")
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_done",
+        "_error",
+        "_idle_s",
+        "_last_data",
+        "_waiter",
+        "_watchdog",
+        "headers",
+        "status",
+    )
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -106,10 +126,41 @@ class Response:
         self._done = False  # the whole body has arrived
         self._error: WireError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._idle_s = 0.0
+        self._last_data = 0.0  # loop time of the last body bytes (or of arming the watchdog)
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def complete(self) -> bool:
         return self._done
+
+    def watch_idle(self, idle_s: float) -> None:
+        """Fail the body with `Stalled` if no bytes arrive for `idle_s` seconds. One timer,
+        re-armed only when it fires early, so a busy stream schedules nothing per chunk."""
+        loop = self._conn.loop
+        self._idle_s = idle_s
+        self._last_data = loop.time()
+        if self._watchdog is None and not self._done:
+            self._watchdog = loop.call_at(self._last_data + idle_s, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._watchdog = None
+        if self._done or self._error is not None:
+            return
+        due = self._last_data + self._idle_s
+        loop = self._conn.loop
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._check_idle)
+        elif self._chunks:  # bytes are waiting: the reader is slow, not the upstream
+            self._last_data = loop.time()
+            self._watchdog = loop.call_at(self._last_data + self._idle_s, self._check_idle)
+        else:
+            self._fail(Stalled(f"no data for {self._idle_s:g} s"))
+
+    def _unwatch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     async def readany(self) -> bytes:
         """The body bytes that have arrived (waiting for some), or b"" at its end."""
@@ -139,6 +190,8 @@ class Response:
 
     # called by the connection, on the event loop
     def _feed(self, data: bytes) -> None:
+        if self._watchdog is not None:
+            self._last_data = self._conn.loop.time()
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
@@ -147,11 +200,13 @@ class Response:
 
     def _finish(self) -> None:
         self._done = True
+        self._unwatch()
         self._wake()
 
     def _fail(self, error: WireError) -> None:
         if not self._done:
             self._error = error
+            self._unwatch()
             self._wake()
 
     def _wake(self) -> None:
@@ -318,6 +373,7 @@ class H1Client:
     def release(self, response: Response) -> None:
         """Done with a response: keep its connection if the body was read to the end and
         the server allows keep-alive, else close it."""
+        response._unwatch()
         conn = response._conn
         self._busy.discard(conn)
         if not conn.reusable():
@@ -329,6 +385,7 @@ class H1Client:
 
     def discard(self, response: Response) -> None:
         """Close the response's connection now (the reader gave up on it)."""
+        response._unwatch()
         conn = response._conn
         self._busy.discard(conn)
         conn.close()

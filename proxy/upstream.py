@@ -22,6 +22,7 @@ from proxy.h1 import (
     Dropped,
     H1Client,
     Response,
+    Stalled,
     Target,
     WireError,
     parse_url,
@@ -83,19 +84,13 @@ class UpstreamResponse:
             raise _wire_error(self.backend, exc) from None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The rest of the body as it arrives, each wait bounded by the idle timeout."""
-        loop = asyncio.get_running_loop()
+        """The rest of the body as it arrives; `idle_s` without data fails it."""
         resp = self._resp
+        resp.watch_idle(self._idle_s)
         try:
-            async with asyncio.timeout(None) as deadline:
-                while True:
-                    deadline.reschedule(loop.time() + self._idle_s)
-                    chunk = await resp.readany()
-                    deadline.reschedule(None)
-                    if not chunk:
-                        return
-                    yield chunk
-        except TimeoutError:
+            while chunk := await resp.readany():
+                yield chunk
+        except Stalled:
             raise upstream_timeout(
                 f"backend {self.backend} stalled for {self._idle_s:g} s mid-stream"
             ) from None

@@ -10,7 +10,16 @@ import pytest
 import uvloop
 
 from loadgen.local import free_port
-from proxy.h1 import HIGH_WATER, BadHeader, BadResponse, ConnectFailed, Dropped, H1Client, parse_url
+from proxy.h1 import (
+    HIGH_WATER,
+    BadHeader,
+    BadResponse,
+    ConnectFailed,
+    Dropped,
+    H1Client,
+    Stalled,
+    parse_url,
+)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -317,3 +326,31 @@ def test_parse_url() -> None:
     assert parse_url("http://[::1]:9000").host_header == b"[::1]:9000"
     with pytest.raises(ValueError):
         parse_url("ftp://example.com/")
+
+
+def test_idle_watch_fails_a_stalled_body_but_not_a_slow_steady_one() -> None:
+    async def reply(server: Server, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(10):  # 10 chunks 50 ms apart: never idle for 150 ms
+            writer.write(b"4\r\ntick\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(5)  # then silence
+
+    async def main() -> None:
+        async with Server(reply) as server:
+            client = H1Client(connect_timeout_s=2)
+            response = await client.request(parse_url(server.url), b"{}", {})
+            response.watch_idle(0.15)
+            loop = asyncio.get_running_loop()
+            received, started = b"", loop.time()
+            with pytest.raises(Stalled):
+                while chunk := await response.readany():
+                    received += chunk
+            assert received == b"tick" * 10
+            assert 0.45 + 0.15 <= loop.time() - started < 2.0
+            client.discard(response)
+            await client.close()
+    run(main())

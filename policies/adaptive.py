@@ -57,7 +57,7 @@ from backends.snapshot import BackendSnapshot, PoolSnapshot
 from policies import model
 from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
 
-AFFINITY_SLACK = 2.0
+AFFINITY_SLACK = 3.0  # 2 with the first-order cost; this one charges a busy backend more
 MAX_SESSIONS = 65536
 
 

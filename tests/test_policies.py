@@ -239,7 +239,7 @@ def test_affinity_bound_grows_with_the_prefill_a_move_would_repeat() -> None:
     assert policy.choose(RouteRequest(endpoint="chat", model="m", max_tokens=16,
                                       affinity_key="s1"), pool(learned("a", 0, 0, flat))
                          ) == Route("a")
-    # a costs ~1.47 s (twice its own 0.71 s), b ~0.41 s: over 2x, and nothing known about
+    # a costs ~1.47 s (twice its own 0.71 s), b ~0.41 s: over 3x, and nothing known about
     # prefill: the session moves
     assert turn(6000, None) == Route("b")
     assert policy.choose(RouteRequest(endpoint="chat", model="m", max_tokens=16,

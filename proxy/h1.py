@@ -190,13 +190,17 @@ class Response:
 
     # called by the connection, on the event loop
     def _feed(self, data: bytes) -> None:
-        if self._watchdog is not None:
-            self._last_data = self._conn.loop.time()
-        self._chunks.append(data)
+        self._chunks.append(data)  # the reader is woken once per socket read, not per chunk
         self._buffered += len(data)
-        if self._buffered > HIGH_WATER:
-            self._conn.pause()
-        self._wake()
+
+    def _fed(self) -> None:
+        """After a socket read: wake the reader, and stop reading if it is far behind."""
+        if self._chunks:
+            if self._watchdog is not None:
+                self._last_data = self._conn.loop.time()
+            if self._buffered > HIGH_WATER:
+                self._conn.pause()
+            self._wake()
 
     def _finish(self) -> None:
         self._done = True
@@ -240,10 +244,13 @@ class _Connection(asyncio.Protocol):
         if self._response is None:  # nothing was asked: not a connection to keep
             self.close()
             return
+        response = self._response
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._abandon(BadResponse(f"unparseable response: {exc}"))
+            return
+        response._fed()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost finishes or fails the response

@@ -261,7 +261,7 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is None:
             return
-        if self._until_eof and self._headers_ready is not None and self._headers_ready.done():
+        if self._until_eof:  # set only once the headers have arrived
             response._finish()
         else:
             reason = type(exc).__name__ if exc is not None else "closed by the server"

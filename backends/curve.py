@@ -11,19 +11,30 @@ between neighbouring buckets (the marginal throughput), so a bucket has to avera
 about ten requests: with ALPHA = 0.25 the noise alone put a second stream on llama.cpp at
 32 concurrent about half the time.
 
-Following a backend that changes speed: a sample that differs from its bucket's estimate by
-a ratio q also moves every other bucket of that curve by q^DRIFT, so the whole curve
-follows a slowdown seen at the current load, not only the bucket that observed it.
+Following a backend that changes speed: when a sample moves its bucket's estimate by a
+ratio q, every other bucket of the curve moves by q^e, so the whole curve follows a
+slowdown seen at the current load, not only the bucket that observed it. The exponent is
+DRIFT / weight while a bucket is young (others move about DRIFT of the surprise in log
+terms) and FOLLOW once it has its ten samples. Moving by a power of the *estimate's* change
+matters: the product of those factors telescopes to a power of the estimate's overall
+change, which is bounded. A power of the raw sample's surprise (an earlier version) does
+not telescope: the mean log of noisy samples sits below the log of their mean, so every
+unobserved bucket sank a little with each sample, without bound; with the noisy rates of a
+fast upstream a bucket reached 0.0 within a few thousand requests and the next division by
+it failed the request.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 ALPHA = 0.1  # weight of a new rate sample in a bucket past its first 1 / ALPHA samples
 TTFT_ALPHA = 0.25  # weight of a new TTFT sample (queueing changes TTFT quickly)
-DRIFT = 0.1  # exponent with which a surprise moves the other buckets
+DRIFT = 0.1  # share of a young bucket's surprise (in log terms) that the others take on
+FOLLOW = 0.8  # share of a settled bucket's change the others follow (below 1: the shape
+#              between buckets keeps learning, slowly)
 
 
 def bucket_of(concurrency: float) -> int:
@@ -55,7 +66,7 @@ class CurveLearner:
     def observe(self, concurrency: float, stream_tok_s: float | None,
                 ttft_s: float | None) -> None:
         i = bucket_of(max(1.0, concurrency))
-        if stream_tok_s is not None and stream_tok_s > 0:
+        if stream_tok_s is not None and 0 < stream_tok_s < math.inf:
             self._samples += 1
             self._count[i] += 1
             weight = max(ALPHA, 1 / self._count[i])
@@ -63,8 +74,8 @@ class CurveLearner:
             if old is None:
                 self._rate[i] = stream_tok_s
             else:
-                self._rate[i] = old + weight * (stream_tok_s - old)
-                factor = (stream_tok_s / old) ** DRIFT
+                new = self._rate[i] = old + weight * (stream_tok_s - old)
+                factor = (new / old) ** min(FOLLOW, DRIFT / weight)
                 for j, value in enumerate(self._rate):
                     if j != i and value is not None:
                         self._rate[j] = value * factor

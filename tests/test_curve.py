@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from backends.curve import BUCKETS, CurveLearner, bucket_of
@@ -35,3 +38,31 @@ def test_a_slowdown_seen_at_one_load_moves_the_whole_curve() -> None:
     after = dict(curve.throughput_points())
     assert after[1] == pytest.approx(50, rel=0.05)
     assert after[32] < 0.75 * before  # followed, without a sample at 32
+
+
+def test_noisy_samples_do_not_sink_the_buckets_they_do_not_hit() -> None:
+    """Per-request rates of a fast upstream are very noisy. Each sample moves the other
+    buckets; that must not add up to a drift (it once sank a bucket to 0.0 in a few
+    thousand requests, and the next sample there divided by it)."""
+    rng = random.Random(7)
+    curve = CurveLearner()
+    for _ in range(10):
+        curve.observe(48, 40.0, None)
+        curve.observe(64, 35.0, None)
+    start = dict(curve.throughput_points())
+    for _ in range(20_000):
+        curve.observe(64, 35.0 * rng.lognormvariate(0, 1.5), None)
+    curve.observe(48, 40.0, None)  # divided by the bucket's estimate: must not fail
+    end = dict(curve.throughput_points())
+    mean_64 = 35.0 * math.exp(1.5**2 / 2)  # where bucket 64's estimate settles
+    ratio = (end[48] / end[64]) / (start[48] / start[64])
+    assert 0.5 < ratio < 2.0
+    assert end[64] / 64 == pytest.approx(mean_64, rel=0.5)
+
+
+def test_infinite_or_zero_rates_are_ignored() -> None:
+    curve = CurveLearner()
+    curve.observe(4, 50.0, None)
+    curve.observe(4, math.inf, None)
+    curve.observe(4, 0.0, None)
+    assert dict(curve.throughput_points()) == {4: 200.0}

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import uvicorn
-
-from proxy.app import App
+from proxy.app import serve
 from proxy.settings import ConfigError, load_settings
 
 
@@ -68,19 +66,17 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    config = uvicorn.Config(
-        App(settings),
-        host=server.host,
-        port=server.port,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        lifespan="on",
-        access_log=False,  # sluiceway writes its own, richer, access log
-        log_level=args.log_level,
-        timeout_keep_alive=75,
-    )
-    uvicorn.Server(config).run()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(settings))
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

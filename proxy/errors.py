@@ -107,3 +107,14 @@ def upstream_overloaded(message: str, retry_after_s: int | None) -> ProxyError:
 
 def upstream_timeout(message: str) -> ProxyError:
     return ProxyError(504, message, "server_error", "upstream_timeout", outcome="timeout")
+
+
+def headers_too_large(limit_bytes: int) -> ProxyError:
+    return ProxyError(
+        431, f"Request headers exceed {limit_bytes} bytes.", "invalid_request_error",
+        "headers_too_large",
+    )
+
+
+def internal_error() -> ProxyError:
+    return ProxyError(500, "Internal error in the proxy.", "server_error", "internal_error")

@@ -16,11 +16,11 @@ from time import perf_counter
 from backends.pool import Pool
 from backends.snapshot import Health
 from proxy.admission import Admission
-from proxy.asgi import Headers, Send, respond
 from proxy.attempt import Attempt
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.request import ClientRequest
+from proxy.server import Headers, Reply
 from proxy.sse import StreamObserver, token_counts, usage_of_body
 from proxy.upstream import Upstream, UpstreamResponse, status_error
 
@@ -45,7 +45,7 @@ class Forwarder:
         self._metrics = metrics
         self._max_attempts = max_attempts
 
-    async def forward(self, request: ClientRequest, send: Send, attempts: list[Attempt]) -> None:
+    async def forward(self, request: ClientRequest, reply: Reply, attempts: list[Attempt]) -> None:
         """Serve the request, appending each try to `attempts` (the last one answered).
 
         Raises ProxyError when the client has not been answered and must get an error.
@@ -67,7 +67,7 @@ class Forwarder:
             attempt = Attempt(name, self._pool.load_area(name), route.prompt_chars)
             attempts.append(attempt)
             try:
-                await self._try(request, attempt, send)
+                await self._try(request, attempt, reply)
                 return
             except ProxyError as exc:
                 attempt.end(exc.outcome)
@@ -107,7 +107,7 @@ class Forwarder:
             if decode_s is not None and attempt.output_tokens > 1:
                 m.tpot.labels(name).observe(decode_s / (attempt.output_tokens - 1))
 
-    async def _try(self, request: ClientRequest, attempt: Attempt, send: Send) -> None:
+    async def _try(self, request: ClientRequest, attempt: Attempt, reply: Reply) -> None:
         state = self._pool[attempt.backend]
         resp = await self._upstream.post(
             attempt.backend,
@@ -120,9 +120,9 @@ class Forwarder:
                 raise status_error(attempt.backend, resp.status, await resp.read(),
                                    resp.retry_after)
             if request.stream and resp.status == 200:
-                await self._stream(request, attempt, resp, send)
+                await self._stream(request, attempt, resp, reply)
             else:
-                await self._whole(request, attempt, resp, send)
+                await self._whole(request, attempt, resp, reply)
         except BaseException:
             resp.close()
             raise
@@ -136,43 +136,49 @@ class Forwarder:
         )
 
     async def _whole(
-        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, send: Send
+        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, reply: Reply
     ) -> None:
         body = await resp.read()
         if resp.status == 200 and b'"usage"' in body:
             attempt.tokens(*token_counts(usage_of_body(body)))
         attempt.status = resp.status
         attempt.started = True
-        await respond(send, resp.status, body, self._headers(request, attempt, resp.content_type))
+        reply.respond(resp.status, body, self._headers(request, attempt, resp.content_type))
         attempt.end("ok" if resp.status < 400 else "rejected")
 
     async def _stream(
-        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, send: Send
+        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, reply: Reply
     ) -> None:
+        """Relay an SSE stream. The first bytes are awaited (a backend failing before them
+        can still be retried); the rest is written to the client from the upstream socket's
+        own callback, one write per socket read, with reading paused while the client's
+        socket is full."""
         observer = StreamObserver(strip_usage=request.strip_usage)
         first = await resp.first_chunk()
         attempt.status = 200
         attempt.started = True
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [*self._headers(request, attempt, resp.content_type), *_STREAM_HEADERS],
-        })
-        outcome = "ok"
-        try:
-            out = observer.feed(first, perf_counter())
+        reply.start(200, (*self._headers(request, attempt, resp.content_type), *_STREAM_HEADERS))
+
+        def relay(data: bytes) -> None:
+            out = observer.feed(data, perf_counter())
             if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-            async for chunk in resp.chunks():
-                out = observer.feed(chunk, perf_counter())
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                reply.write(out)
+                if reply.paused:
+                    resp.pause_reading()
+
+        outcome = "ok"
+        reply.on_resume(resp.resume_reading)
+        try:
+            relay(first)
+            await resp.relay(relay)
             tail = observer.flush()
         except ProxyError as exc:  # the upstream failed mid-stream: tell the client in-band
             outcome = exc.outcome
             lead = b"\n\n" if observer.mid_event else b""
             tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
+        finally:
+            reply.on_resume(None)
         attempt.first_content_at = observer.first_content_at
         attempt.tokens(*token_counts(observer.usage()))
         attempt.end(outcome)
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        reply.end(tail)

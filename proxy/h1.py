@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -111,6 +111,8 @@ class Response:
         "_error",
         "_idle_s",
         "_last_data",
+        "_sink",
+        "_sink_error",
         "_waiter",
         "_watchdog",
         "headers",
@@ -129,6 +131,8 @@ class Response:
         self._idle_s = 0.0
         self._last_data = 0.0  # loop time of the last body bytes (or of arming the watchdog)
         self._watchdog: asyncio.TimerHandle | None = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_error: Exception | None = None
 
     @property
     def complete(self) -> bool:
@@ -151,7 +155,7 @@ class Response:
         loop = self._conn.loop
         if loop.time() < due:
             self._watchdog = loop.call_at(due, self._check_idle)
-        elif self._chunks:  # bytes are waiting: the reader is slow, not the upstream
+        elif self._chunks or self._conn.paused:  # the reader is slow, not the upstream
             self._last_data = loop.time()
             self._watchdog = loop.call_at(self._last_data + self._idle_s, self._check_idle)
         else:
@@ -174,6 +178,38 @@ class Response:
                 await self._waiter
             finally:
                 self._waiter = None
+        return self._take()
+
+    async def relay(self, sink: Callable[[bytes], None]) -> None:
+        """Hand the body to `sink` as it arrives, from the connection's `data_received`:
+        one call per socket read and no task switch in between. Returns at the end of the
+        body; raises WireError, or what `sink` raised. `pause` and `resume` are the
+        sink's way to stop the flow."""
+        if self._chunks:
+            sink(self._take())
+        self._sink = sink
+        try:
+            while not self._done and self._error is None and self._sink_error is None:
+                self._waiter = self._conn.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._sink = None
+        if self._sink_error is not None:
+            raise self._sink_error
+        if self._error is not None:
+            raise self._error
+
+    def pause(self) -> None:
+        """Stop reading from the upstream until `resume`."""
+        self._conn.pause()
+
+    def resume(self) -> None:
+        self._conn.resume()
+
+    def _take(self) -> bytes:
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         if self._buffered > LOW_WATER:
@@ -194,10 +230,18 @@ class Response:
         self._buffered += len(data)
 
     def _fed(self) -> None:
-        """After a socket read: wake the reader, and stop reading if it is far behind."""
+        """After a socket read: hand the bytes to the sink, or wake the reader (and stop
+        reading if it is far behind)."""
         if self._chunks:
             if self._watchdog is not None:
                 self._last_data = self._conn.loop.time()
+            if self._sink is not None:
+                try:
+                    self._sink(self._take())
+                except Exception as exc:  # handed to the relaying task, not the event loop
+                    self._sink, self._sink_error = None, exc
+                    self._wake()
+                return
             if self._buffered > HIGH_WATER:
                 self._conn.pause()
             self._wake()
@@ -233,7 +277,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._until_eof = False  # a body without a length ends when the connection does
         self._informational = False  # skipping a 1xx response
-        self._paused = False
+        self.paused = False
         self.closed = False
 
     # asyncio.Protocol
@@ -315,7 +359,7 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         response = self._response
         return (not self.closed and self._keep_alive and response is not None
-                and response.complete and not self._paused)
+                and response.complete and not self.paused)
 
     def detach(self) -> None:
         """The response is done with; the connection may carry the next one."""
@@ -323,13 +367,13 @@ class _Connection(asyncio.Protocol):
         self._headers_ready = None
 
     def pause(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
+        if not self.paused and self._transport is not None:
+            self.paused = True
             self._transport.pause_reading()
 
     def resume(self) -> None:
-        if self._paused and self._transport is not None and not self.closed:
-            self._paused = False
+        if self.paused and self._transport is not None and not self.closed:
+            self.paused = False
             self._transport.resume_reading()
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ class ServerSettings(_Section):
     api_keys: tuple[str, ...] = ()
     max_body_mb: PositiveFloat = 32
     access_log: bool = True  # one JSON line per request on stderr
+    shutdown_grace_s: PositiveFloat = 30  # on SIGTERM: time left to requests in progress
 
 
 class RoutingSettings(_Section):

@@ -11,7 +11,7 @@ the first body bytes (headers and prefill); `idle_s` between two body reads afte
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 
@@ -83,19 +83,26 @@ class UpstreamResponse:
         except WireError as exc:
             raise _wire_error(self.backend, exc) from None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The rest of the body as it arrives; `idle_s` without data fails it."""
+    async def relay(self, sink: Callable[[bytes], None]) -> None:
+        """Hand the rest of the body to `sink` as it arrives, from the socket's callback;
+        `idle_s` without data fails it."""
         resp = self._resp
         resp.watch_idle(self._idle_s)
         try:
-            while chunk := await resp.readany():
-                yield chunk
+            await resp.relay(sink)
         except Stalled:
             raise upstream_timeout(
                 f"backend {self.backend} stalled for {self._idle_s:g} s mid-stream"
             ) from None
         except WireError as exc:
             raise _wire_error(self.backend, exc) from None
+
+    def pause_reading(self) -> None:
+        """Stop reading the body until `resume_reading` (the client is not keeping up)."""
+        self._resp.pause()
+
+    def resume_reading(self) -> None:
+        self._resp.resume()
 
     def close(self) -> None:
         """Drop the connection (used when the client left or the reply is abandoned)."""

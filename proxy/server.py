@@ -133,6 +133,8 @@ class Reply:
         if self.started:
             raise RuntimeError("the response has already started")
         self.started = True
+        if self._conn.closing:  # shutting down, or the client half-closed: say so
+            self.keep_alive = False
 
 
 class _Connection(asyncio.Protocol):
@@ -181,10 +183,10 @@ class _Connection(asyncio.Protocol):
             self._refuse(bad_request(f"Malformed HTTP request: {exc}."))
 
     def eof_received(self) -> bool:
-        if self._task is None and not self._queue:
-            return False  # nothing to answer: close
-        self.closing = True  # the client half-closed after its request: answer, then close
-        return True
+        """The client closed its side. A half-close that still waits for the answer looks
+        just the same, but HTTP clients do not do that, and a client that has gone must
+        free its backend slot at once (not when the next write fails): treat it as gone."""
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import socketserver
 import threading
@@ -282,3 +283,29 @@ def test_a_pooled_connection_dropped_by_the_backend_is_retried_on_a_new_one(
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_a_client_that_stops_reading_holds_the_upstream_back(launch: Launcher) -> None:
+    """The relay writes from the upstream socket's callback; when the client's socket is
+    full it must stop reading the upstream, not buffer the whole stream in the proxy."""
+    a = launch.upstream("a")
+    proxy = launch.proxy([backend("a", a, models=["m"])])
+    n = 100_000  # about 7 MB of events
+    body = json.dumps({"model": "m", "messages": MSG, "max_tokens": n, "stream": True})
+    with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                     f"application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+        first = sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # read nothing meanwhile
+        held_at = a.get("/_stats")["events_sent"]
+        time.sleep(1.0)
+        assert a.get("/_stats")["events_sent"] == held_at  # the upstream is held, not slow
+        received = len(first)
+        while not first.endswith(b"0\r\n\r\n"):
+            first = sock.recv(1 << 20)
+            assert first, "the proxy closed the stream early"
+            received += len(first)
+    assert held_at < n * 0.9, held_at
+    assert a.get("/_stats")["events_sent"] == n and received > 70 * n

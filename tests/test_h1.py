@@ -354,3 +354,71 @@ def test_idle_watch_fails_a_stalled_body_but_not_a_slow_steady_one() -> None:
             client.discard(response)
             await client.close()
     run(main())
+
+
+def test_relay_hands_reads_to_the_sink_which_can_pause_and_resume_the_socket() -> None:
+    total = 64 * HIGH_WATER
+    piece = b"x" * 65536
+    written = 0
+
+    async def reply(server: Server, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        while written < total:
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            written += len(piece)
+        writer.write(b"0\r\n\r\n")
+
+    async def main() -> None:
+        async with Server(reply) as server:
+            client = H1Client(connect_timeout_s=2)
+            response = await client.request(parse_url(server.url), b"{}", {})
+            response.watch_idle(0.2)  # a paused relay is a slow client, not a stalled upstream
+            received: list[int] = []
+            holding = True
+
+            def sink(data: bytes) -> None:
+                received.append(len(data))
+                if holding and sum(received) >= HIGH_WATER:
+                    response.pause()  # as the proxy does when its client's socket is full
+
+            relaying = asyncio.create_task(response.relay(sink))
+            await asyncio.sleep(0.6)
+            assert not relaying.done()
+            assert written < total / 2 and sum(received) < total / 2
+            holding = False
+            response.resume()
+            await relaying
+            assert sum(received) == total and written == total
+            client.release(response)
+            assert client.idle_count() == 1
+            await client.close()
+    run(main())
+
+
+def test_an_error_in_the_sink_reaches_the_relaying_task() -> None:
+    async def reply(server: Server, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"4\r\nboom\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    def sink(data: bytes) -> None:
+        raise ValueError(data)
+
+    async def main() -> None:
+        async with Server(reply) as server:
+            client = H1Client(connect_timeout_s=2)
+            response = await client.request(parse_url(server.url), b"{}", {})
+            with pytest.raises(ValueError, match="boom"):
+                await response.relay(sink)
+            client.discard(response)
+            await client.close()
+    run(main())

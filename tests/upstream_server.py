@@ -24,6 +24,7 @@ class Upstream:
         self.max_active = 0
         self.requests = 0
         self.disconnects: list[float] = []
+        self.events_sent = 0  # stream events handed to the server, over all requests
         self.last_body: dict[str, Any] = {}
         self.last_headers: dict[str, str] = {}
         self.fail_status = 0
@@ -67,7 +68,7 @@ class Upstream:
         if path == "/_stats":
             return await _json(send, 200, {
                 "active": self.active, "max_active": self.max_active, "requests": self.requests,
-                "disconnects": self.disconnects, "last_body": self.last_body,
+                "disconnects": self.disconnects, "events_sent": self.events_sent, "last_body": self.last_body,
                 "last_headers": self.last_headers, "now": time.time(),
             })
         if path == "/_control":
@@ -161,7 +162,9 @@ class Upstream:
                 choice = ({"index": 0, "delta": delta, "finish_reason": None} if chat
                           else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
                 await _event(send, {"id": "c1", "model": req["model"], "choices": [choice]})
-                await asyncio.sleep(self.token_delay_s)
+                self.events_sent += 1
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
             options = req.get("stream_options") or {}
             if options.get("include_usage"):
                 await _event(send, {"id": "c1", "model": req["model"], "choices": [],

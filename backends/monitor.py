@@ -36,7 +36,7 @@ class Monitor:
         self._timeout_s = timeout_s
 
     async def run(self) -> None:
-        """Probe forever; the lifespan cancels this task at shutdown."""
+        """Probe forever; the gateway cancels this task at shutdown."""
         while True:
             await asyncio.sleep(self._interval_s)
             await self.probe_all()

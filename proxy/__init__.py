@@ -1,1 +1,1 @@
-"""The sluiceway gateway: ASGI app, routing, forwarding, admission, metrics, CLI."""
+"""The sluiceway gateway: HTTP server and client, routing, forwarding, admission, metrics, CLI."""

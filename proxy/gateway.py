@@ -1,4 +1,4 @@
-"""Everything the app owns between start-up and shutdown, built in the ASGI lifespan."""
+"""Everything the app owns between start-up and shutdown (built and stopped by `proxy.app.serve`)."""
 
 from __future__ import annotations
 

@@ -155,6 +155,7 @@ class _Connection(asyncio.Protocol):
         self._queue: collections.deque[Request | ProxyError] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._stop_reading = False  # after a refusal or an oversized body: nothing more
         self._read_paused = False
         self.closing = False  # answer what is in progress, then close
@@ -378,8 +379,11 @@ class _Connection(asyncio.Protocol):
         return self._task is not None
 
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        self._timer = self._loop.call_later(self._server.timeout_s, self._timed_out)
+        """Move the deadline; the one timer is re-armed only when it fires early, so a
+        request costs no timer operations (three reschedules otherwise)."""
+        self._deadline = self._loop.time() + self._server.timeout_s
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -388,7 +392,14 @@ class _Connection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        if self._task is None:  # idle, or a request that did not arrive in time
+        if self.closed:
+            return
+        now = self._loop.time()
+        if self._task is not None:  # a handler's time is its own: look again later
+            self._deadline = now + self._server.timeout_s
+        if now < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._timed_out)
+        else:  # idle, or a request that did not arrive in time
             self.close()
 
 

@@ -1,4 +1,5 @@
-"""Everything the app owns between start-up and shutdown (built and stopped by `proxy.app.serve`)."""
+"""Everything the app owns between start-up and shutdown (started and stopped by
+`proxy.app.serve`)."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def test_a_stream_is_chunked_and_the_connection_kept() -> None:
         for _ in range(2):
             writer.write(post(b"/s", b"{}"))
             status, headers, body = await read_response(reader)
-            assert headers[b"transfer-encoding"] == b"chunked"
+            assert status == 200 and headers[b"transfer-encoding"] == b"chunked"
             assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
         writer.close()
         await server.shutdown(1)
@@ -124,7 +124,8 @@ def test_a_stream_to_an_http_10_client_ends_with_the_connection() -> None:
         reader, writer = await connect(port)
         writer.write(b"POST /s HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}")
         status, headers, body = await read_response(reader)
-        assert b"transfer-encoding" not in headers and headers[b"connection"] == b"close"
+        assert status == 200 and headers[b"connection"] == b"close"
+        assert b"transfer-encoding" not in headers
         assert body.endswith(b"data: [DONE]\n\n")  # read to EOF: the server closed
         await server.shutdown(1)
 
@@ -167,6 +168,7 @@ def test_an_oversized_body_is_answered_early_and_the_rest_read_before_closing() 
                 writer.write(b"0\r\n\r\n")
             status, headers, body = await read_response(reader)
             assert status == 413 and headers[b"connection"] == b"close"
+            assert body == b'{"error":"too big"}'
             assert await reader.read() == b""  # then closed cleanly, not reset
             writer.close()
         assert [r.oversized for r in seen] == [True, True] and seen[0].body == b""
@@ -321,7 +323,7 @@ def test_shutdown_lets_requests_in_progress_finish_and_refuses_new_ones() -> Non
     async def main() -> None:
         server, port = await start(slow)
         busy_r, busy_w = await connect(port)
-        idle_r, idle_w = await connect(port)
+        idle_r, _ = await connect(port)
         busy_w.write(post(b"/slow", b"x"))
         await asyncio.sleep(0.05)
         stopping = asyncio.create_task(server.shutdown(5))

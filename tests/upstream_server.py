@@ -68,7 +68,8 @@ class Upstream:
         if path == "/_stats":
             return await _json(send, 200, {
                 "active": self.active, "max_active": self.max_active, "requests": self.requests,
-                "disconnects": self.disconnects, "events_sent": self.events_sent, "last_body": self.last_body,
+                "disconnects": self.disconnects, "events_sent": self.events_sent,
+                "last_body": self.last_body,
                 "last_headers": self.last_headers, "now": time.time(),
             })
         if path == "/_control":

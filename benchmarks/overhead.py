@@ -9,14 +9,18 @@ nginx runs as a plain reverse proxy (one worker, `proxy_buffering off`, upstream
 keep-alive); `--install-nginx` installs Debian's package first when it is missing.
 
 Reports per target: requests/s and SSE events/s (and their ratio to direct), TTFT p50/p99
-and the TTFT added over direct, errors, and the proxy's peak RSS. The client is aiohttp on
-uvloop in this process; its CPU share is printed so a client-bound run can be recognised.
+and the TTFT added over direct, errors, the proxy's CPU time per request (read from /proc,
+nginx's worker included), and sluiceway's peak RSS. The client is aiohttp on uvloop in
+this process. Two columns say what bounds a row: the client's CPU share (near 100%: the
+client is the limit) and the whole machine's busy share (near 100%: the cores are, and the
+ratio to direct is then the proxy's CPU per request against the client's and upstream's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import shutil
 import subprocess
@@ -43,6 +47,8 @@ class Result:
     client_cpu_s: float
     events: int
     ttfts: list[float]
+    proxy_cpu_s: float  # the proxy's processes over the measured run (0 for direct)
+    box_busy: float  # share of all cores busy over the measured run
 
     def pct(self, p: float) -> float:
         if not self.ttfts:
@@ -87,13 +93,38 @@ async def load(
     return events, errors, ttfts
 
 
-def run(target: str, base: str, requests: int, concurrency: int, tokens: int) -> Result:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and of its live children (nginx's worker)."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(c) for c in children.read_text().split()]
+    total = 0
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def box_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def run(target: str, base: str, pid: int | None, requests: int, concurrency: int,
+        tokens: int) -> Result:
     url = base + "/v1/chat/completions"
     asyncio.run(load(url, min(requests, max(50, concurrency * 2)), concurrency, tokens))
+    proxy_cpu = process_cpu_s(pid) if pid else 0.0
+    busy, total = box_times()
     wall, cpu = time.perf_counter(), time.process_time()
     events, errors, ttfts = asyncio.run(load(url, requests, concurrency, tokens))
-    return Result(target, concurrency, requests, errors, time.perf_counter() - wall,
-                  time.process_time() - cpu, events, ttfts)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    busy_after, total_after = box_times()
+    proxy_cpu = process_cpu_s(pid) - proxy_cpu if pid else 0.0
+    return Result(target, concurrency, requests, errors, wall, cpu, events, ttfts, proxy_cpu,
+                  (busy_after - busy) / max(1, total_after - total))
 
 
 NGINX_CONF = """daemon off;
@@ -180,22 +211,24 @@ def main() -> None:
     try:
         wait_http(f"http://127.0.0.1:{up_port}/health")
         wait_http(f"http://127.0.0.1:{proxy_port}/ready")
-        targets = {"direct": f"http://127.0.0.1:{up_port}",
-                   "sluiceway": f"http://127.0.0.1:{proxy_port}"}
+        targets: dict[str, tuple[str, int | None]] = {
+            "direct": (f"http://127.0.0.1:{up_port}", None),
+            "sluiceway": (f"http://127.0.0.1:{proxy_port}", proxy.pid),
+        }
         if not args.no_nginx:
             nginx, nginx_port = start_nginx(work, up_port, args.install_nginx)
             wait_http(f"http://127.0.0.1:{nginx_port}/health")
-            targets["nginx"] = f"http://127.0.0.1:{nginx_port}"
+            targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", nginx.pid)
         if args.floor:
             floor_port = free_port()
             floor = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.relay_floor", "--port", str(floor_port),
                  "--upstream-port", str(up_port)], cwd=ROOT)
             wait_http(f"http://127.0.0.1:{floor_port}/health", floor)
-            targets["py-floor"] = f"http://127.0.0.1:{floor_port}"
+            targets["py-floor"] = (f"http://127.0.0.1:{floor_port}", floor.pid)
         for c in (int(x) for x in args.concurrency.split(",")):
-            for name, base in targets.items():
-                results.append(run(name, base, args.requests, c, args.tokens))
+            for name, (base, pid) in targets.items():
+                results.append(run(name, base, pid, args.requests, c, args.tokens))
         rss = peak_rss_mb(proxy.pid)
     finally:
         for proc in (p for p in (nginx, floor, proxy, upstream) if p is not None):
@@ -205,7 +238,7 @@ def main() -> None:
           f"{args.token_delay_ms:g} ms/token upstream delay")
     header = (f"{'target':<10} {'conc':>5} {'req/s':>9} {'ratio':>6} {'events/s':>10} "
               f"{'ratio':>6} {'ttft p50':>9} {'p99':>8} {'added p50':>10} {'errors':>6} "
-              f"{'client cpu':>10}")
+              f"{'client cpu':>10} {'box busy':>8} {'proxy cpu/req':>13}")
     print(header)
     print("-" * len(header))
     direct = {r.concurrency: r for r in results if r.target == "direct"}
@@ -216,8 +249,15 @@ def main() -> None:
         print(f"{r.target:<10} {r.concurrency:>5} {rps:>9,.0f} {rps / d_rps:>6.2f} "
               f"{eps:>10,.0f} {eps / d_eps:>6.2f} {r.pct(50) * 1e3:>7.2f}ms "
               f"{r.pct(99) * 1e3:>6.2f}ms {(r.pct(50) - d.pct(50)) * 1e3:>8.2f}ms "
-              f"{r.errors:>6} {r.client_cpu_s / r.wall_s:>9.0%}")
+              f"{r.errors:>6} {r.client_cpu_s / r.wall_s:>9.0%} {r.box_busy:>8.0%} "
+              f"{_per_request_us(r):>13}")
     print(f"sluiceway peak RSS: {rss:.0f} MB")
+
+
+def _per_request_us(r: Result) -> str:
+    if r.target == "direct":
+        return "-"
+    return f"{r.proxy_cpu_s / r.requests * 1e6:,.0f} us"
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ class Forwarder:
         """Relay an SSE stream. The first bytes are awaited (a backend failing before them
         can still be retried); the rest is written to the client from the upstream socket's
         own callback, one write per socket read, with reading paused while the client's
-        socket is full."""
+        socket is full. The bytes that come with the end of the upstream body leave with
+        the end of the reply, in one write."""
         observer = StreamObserver(strip_usage=request.strip_usage)
         first = await resp.first_chunk()
         attempt.status = 200
@@ -169,9 +170,11 @@ class Forwarder:
         outcome = "ok"
         reply.on_resume(resp.resume_reading)
         try:
-            relay(first)
-            await resp.relay(relay)
-            tail = observer.flush()
+            last = first
+            if not resp.complete:
+                relay(first)
+                last = await resp.relay(relay)
+            tail = (observer.feed(last, perf_counter()) if last else b"") + observer.flush()
         except ProxyError as exc:  # the upstream failed mid-stream: tell the client in-band
             outcome = exc.outcome
             lead = b"\n\n" if observer.mid_event else b""

@@ -180,12 +180,13 @@ class Response:
                 self._waiter = None
         return self._take()
 
-    async def relay(self, sink: Callable[[bytes], None]) -> None:
+    async def relay(self, sink: Callable[[bytes], None]) -> bytes:
         """Hand the body to `sink` as it arrives, from the connection's `data_received`:
-        one call per socket read and no task switch in between. Returns at the end of the
-        body; raises WireError, or what `sink` raised. `pause` and `resume` are the
-        sink's way to stop the flow."""
-        if self._chunks:
+        one call per socket read and no task switch in between. At the end of the body,
+        returns the bytes that arrived with the end (not given to `sink`, so the caller can
+        send them together with the end of its own reply, in one write). Raises WireError,
+        or what `sink` raised. `pause` and `resume` are the sink's way to stop the flow."""
+        if self._chunks and not self._done:
             sink(self._take())
         self._sink = sink
         try:
@@ -201,6 +202,7 @@ class Response:
             raise self._sink_error
         if self._error is not None:
             raise self._error
+        return self._take() if self._chunks else b""
 
     def pause(self) -> None:
         """Stop reading from the upstream until `resume`."""
@@ -236,6 +238,9 @@ class Response:
             if self._watchdog is not None:
                 self._last_data = self._conn.loop.time()
             if self._sink is not None:
+                if self._done:  # these bytes came with the end: relay() returns them
+                    self._wake()
+                    return
                 try:
                     self._sink(self._take())
                 except Exception as exc:  # handed to the relaying task, not the event loop

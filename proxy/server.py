@@ -105,22 +105,27 @@ class Reply:
         self._head = _head(status, headers, framing, self.keep_alive, self._conn.date())
 
     def write(self, data: bytes) -> None:
-        if not data or self._head_only:
+        if data and not self._head_only:
+            self._conn.write(self._framed(data))
+
+    def end(self, data: bytes = b"") -> None:
+        """The last bytes and the end of the body (and the head, if still held): one write."""
+        if self.ended:
             return
+        self.ended = True
+        body = self._framed(data) if data and not self._head_only else b""
+        tail = b"0\r\n\r\n" if self._chunked and not self._head_only else b""
+        out, self._head = self._head + body + tail, b""
+        if out:
+            self._conn.write(out)
+
+    def _framed(self, data: bytes) -> bytes:
+        """`data` as it goes on the wire: chunk-framed, after the head if not yet sent."""
         if self._chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._head:
             data, self._head = self._head + data, b""
-        self._conn.write(data)
-
-    def end(self, data: bytes = b"") -> None:
-        if self.ended:
-            return
-        self.write(data)
-        tail = b"0\r\n\r\n" if self._chunked and not self._head_only else b""
-        self._conn.write(self._head + tail)
-        self._head = b""
-        self.ended = True
+        return data
 
     def respond(self, status: int, body: bytes, headers: Headers) -> None:
         self._begin()

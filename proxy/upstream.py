@@ -83,13 +83,19 @@ class UpstreamResponse:
         except WireError as exc:
             raise _wire_error(self.backend, exc) from None
 
-    async def relay(self, sink: Callable[[bytes], None]) -> None:
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived."""
+        return self._resp.complete
+
+    async def relay(self, sink: Callable[[bytes], None]) -> bytes:
         """Hand the rest of the body to `sink` as it arrives, from the socket's callback;
-        `idle_s` without data fails it."""
+        `idle_s` without data fails it. Returns the bytes that came with the end of the
+        body, which are not given to `sink`."""
         resp = self._resp
         resp.watch_idle(self._idle_s)
         try:
-            await resp.relay(sink)
+            return await resp.relay(sink)
         except Stalled:
             raise upstream_timeout(
                 f"backend {self.backend} stalled for {self._idle_s:g} s mid-stream"

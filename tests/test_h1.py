@@ -391,8 +391,35 @@ def test_relay_hands_reads_to_the_sink_which_can_pause_and_resume_the_socket() -
             assert written < total / 2 and sum(received) < total / 2
             holding = False
             response.resume()
-            await relaying
-            assert sum(received) == total and written == total
+            last = await relaying  # what came with the end of the body, not sunk
+            assert sum(received) + len(last) == total and written == total
+            client.release(response)
+            assert client.idle_count() == 1
+            await client.close()
+    run(main())
+
+
+def test_relay_returns_the_bytes_that_came_with_the_end_of_the_body() -> None:
+    """So the proxy can write them together with the end of its own reply."""
+    async def reply(server: Server, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"4\r\nlast\r\n0\r\n\r\n")  # the last data and the end, one write
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(reply) as server:
+            client = H1Client(connect_timeout_s=2)
+            response = await client.request(parse_url(server.url), b"{}", {})
+            sunk: list[bytes] = []
+            assert await response.relay(sunk.append) == b"last"
+            assert sunk == [b"first"]
             client.release(response)
             assert client.idle_count() == 1
             await client.close()

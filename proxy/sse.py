@@ -8,6 +8,9 @@ Chunks go to the client as they arrived. The observer only
   held back until its end arrives). llama.cpp moves `timings` from the finish chunk to the
   usage chunk when usage is asked for, so the finish chunk is held until the next event
   and gets the `timings` back: the client sees what it would have seen without sluiceway.
+  The usage chunk is by the API's definition the last before `data: [DONE]`, so only the
+  last three events of each read are looked at (the finish event, the usage event, the
+  end): the cost per read does not grow with the number of events in it.
 """
 
 from __future__ import annotations
@@ -35,13 +38,34 @@ def event_end(data: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
+def event_separator(data: bytes) -> bytes | None:
+    """The blank line that ends this stream's events, once one event has ended in `data`.
+    (CRLF streams never contain two LFs in a row: JSON escapes the line breaks it carries.)"""
+    if b"\n\n" in data:
+        return b"\n\n"
+    return b"\r\n\r\n" if b"\r\n\r\n" in data else None
+
+
+def last_events_start(data: bytes, count: int, separator: bytes) -> int:
+    """Where the last `count` events of event-aligned `data` begin (0 if it has fewer)."""
+    end = len(data) - len(separator)
+    for _ in range(count):
+        at = data.rfind(separator, 0, end)
+        if at < 0:
+            return 0
+        end = at
+    return end + len(separator)
+
+
 class StreamObserver:
-    __slots__ = ("_held", "_pending", "_strip_usage", "_tail", "first_content_at", "mid_event")
+    __slots__ = ("_held", "_pending", "_separator", "_strip_usage", "_tail", "first_content_at",
+                 "mid_event")
 
     def __init__(self, strip_usage: bool) -> None:
         self._strip_usage = strip_usage
         self._pending = b""
         self._held: bytes | None = None  # a finish event waiting for the usage event
+        self._separator: bytes | None = None  # known once the first event has ended
         self._tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         self.first_content_at: float | None = None
         self.mid_event = False  # the client has seen part of an event but not its end
@@ -83,15 +107,21 @@ class StreamObserver:
 
     def _strip(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
-        cut = event_end(data)
+        separator = self._separator
+        if separator is None:
+            separator = self._separator = event_separator(data)
+            if separator is None:  # not one whole event yet
+                self._pending = data
+                return b""
+        at = data.rfind(separator)
+        cut = at + len(separator) if at >= 0 else 0
         complete, self._pending = data[:cut], data[cut:]
         if self._held is None:
-            marks = [i for i in (complete.find(_FINISH), complete.find(b'"usage"')) if i >= 0]
-            if not marks:
+            start = last_events_start(complete, 3, separator)
+            tail = complete[start:]
+            if _FINISH not in tail and b'"usage"' not in tail:
                 return complete  # the common case: plain token events, passed as they are
-            # only the events from the first finish/usage mark on need looking at
-            start = event_end(complete[: min(marks)])  # where the marked event begins
-            head, complete = complete[:start], complete[start:]
+            head, complete = complete[:start], tail
         else:
             head = b""
         out: list[bytes] = [head]
@@ -128,7 +158,7 @@ def _move_timings(source: bytes, target: bytes) -> bytes:
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
         return target
     event["timings"] = timings
-    return b"data: " + orjson.dumps(event) + b"\n\n"
+    return b"data: " + orjson.dumps(event) + target[len(target.rstrip(b"\r\n")):]
 
 
 def _is_usage_only(event: bytes) -> bool:

@@ -95,3 +95,38 @@ def test_broken_stream_keeps_whole_held_events_only() -> None:
     observer = StreamObserver(strip_usage=True)
     assert observer.feed(TOKEN + FINISH + b'data: {"cho', 0.0) == TOKEN
     assert observer.complete_events() == FINISH
+
+
+def _crlf(event: bytes) -> bytes:
+    return event.replace(b"\n\n", b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("cut", [0, 7, 500, 3000, 3100])
+def test_strip_in_long_reads_looks_at_the_end_of_each_read(crlf: bool, cut: int) -> None:
+    """Reads that carry many events (a fast upstream, a busy proxy): the usage event is
+    still removed and the timings still moved, in LF and CRLF streams, however split."""
+    import orjson
+
+    events = [ROLE, *[TOKEN] * 50, FINISH, LLAMA_USAGE, DONE]
+    if crlf:
+        events = [_crlf(e) for e in events]
+    whole = b"".join(events)
+    observer = StreamObserver(strip_usage=True)
+    out = run(observer, [whole[:cut], whole[cut:]] if cut else [whole])
+    separator = b"\r\n\r\n" if crlf else b"\n\n"
+    got = [e + separator for e in out.split(separator) if e]
+    assert got[:51] == events[:51] and got[-1] == events[-1] and len(got) == 53
+    finish = orjson.loads(got[51][6:])
+    assert finish["timings"] == {"cache_n": 5, "predicted_n": 3}
+    assert b'"usage"' not in out
+    assert token_counts(observer.usage()) == (7, 3, 0)
+
+
+def test_an_earlier_finish_in_a_read_passes_on_in_order() -> None:
+    """With several choices, one finishes while another goes on: its finish event is not
+    the one the usage event follows, and leaves in its place."""
+    other = FINISH.replace(b'"index":0', b'"index":1')
+    events = [TOKEN, other, *[TOKEN] * 5, FINISH, USAGE, DONE]
+    observer = StreamObserver(strip_usage=True)
+    assert run(observer, [b"".join(events)]) == b"".join(e for e in events if e != USAGE)

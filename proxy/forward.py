@@ -155,7 +155,7 @@ class Forwarder:
         socket is full. The bytes that come with the end of the upstream body leave with
         the end of the reply, in one write."""
         observer = StreamObserver(strip_usage=request.strip_usage)
-        first = await resp.first_chunk()
+        first = resp.first_chunk()
         attempt.status = 200
         attempt.started = True
         reply.start(200, (*self._headers(request, attempt, resp.content_type), *_STREAM_HEADERS))

@@ -166,6 +166,10 @@ class Response:
             self._watchdog.cancel()
             self._watchdog = None
 
+    def take(self) -> bytes:
+        """The body bytes that have arrived, without waiting (b"" if none have)."""
+        return self._take() if self._chunks else b""
+
     async def readany(self) -> bytes:
         """The body bytes that have arrived (waiting for some), or b"" at its end."""
         while not self._chunks:
@@ -278,7 +282,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._response: Response | None = None
-        self._headers_ready: asyncio.Future[None] | None = None
+        self._ready: asyncio.Future[None] | None = None  # set by the first body bytes
         self._keep_alive = False
         self._until_eof = False  # a body without a length ends when the connection does
         self._informational = False  # skipping a 1xx response
@@ -300,6 +304,7 @@ class _Connection(asyncio.Protocol):
             self._abandon(BadResponse(f"unparseable response: {exc}"))
             return
         response._fed()
+        self._signal_ready()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost finishes or fails the response
@@ -312,6 +317,7 @@ class _Connection(asyncio.Protocol):
             return
         if self._until_eof:  # set only once the headers have arrived
             response._finish()
+            self._signal_ready()
         else:
             reason = type(exc).__name__ if exc is not None else "closed by the server"
             self._abandon(Dropped(f"connection lost ({reason})",
@@ -324,7 +330,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         response = self._response
-        assert response is not None and self._headers_ready is not None
+        assert response is not None
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # informational: the real response follows
             self._informational = True
@@ -336,8 +342,6 @@ class _Connection(asyncio.Protocol):
             "content-length" not in headers and "chunked" not in
             headers.get("transfer-encoding", "").lower() and status not in (204, 304)
         )
-        if not self._headers_ready.done():
-            self._headers_ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         assert self._response is not None
@@ -355,11 +359,11 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> tuple[Response, asyncio.Future[None]]:
         assert self._transport is not None
         self._response = Response(self)
-        self._headers_ready = self.loop.create_future()
+        self._ready = self.loop.create_future()
         self._keep_alive = False
         self._until_eof = False
         self._transport.write(data)
-        return self._response, self._headers_ready
+        return self._response, self._ready
 
     def reusable(self) -> bool:
         response = self._response
@@ -369,7 +373,7 @@ class _Connection(asyncio.Protocol):
     def detach(self) -> None:
         """The response is done with; the connection may carry the next one."""
         self._response = None
-        self._headers_ready = None
+        self._ready = None
 
     def pause(self) -> None:
         if not self.paused and self._transport is not None:
@@ -386,10 +390,18 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()  # nothing of ours is left to flush; free the peer now
 
+    def _signal_ready(self) -> None:
+        """Wake the requester once the first body bytes (or the end of the body) are in:
+        one wake-up per request, whether the head and the body came in one read or two."""
+        ready, response = self._ready, self._response
+        if (ready is not None and response is not None and not ready.done()
+                and (response._chunks or response._done)):
+            ready.set_result(None)
+
     def _abandon(self, error: WireError) -> None:
-        if self._headers_ready is not None and not self._headers_ready.done():
-            self._headers_ready.set_exception(error)
-            self._headers_ready.exception()  # retrieved by the caller, or by nobody
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # retrieved by the caller, or by nobody
         if self._response is not None:
             self._response._fail(error)
         self.close()
@@ -407,8 +419,8 @@ class H1Client:
 
     async def request(self, target: Target, body: bytes,
                       headers: Mapping[str, str]) -> Response:
-        """POST `body` to `target` and wait for the status line and headers.
-        Raises WireError."""
+        """POST `body` to `target` and wait for the response's status, headers and first
+        body bytes (or the end of an empty body). Raises WireError."""
         head = _request_head(target, headers, len(body))
         conn = self._take_idle(target.origin)
         if conn is None:

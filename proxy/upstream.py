@@ -71,17 +71,9 @@ class UpstreamResponse:
         except WireError as exc:
             raise _wire_error(self.backend, exc) from None
 
-    async def first_chunk(self) -> bytes:
-        """The first body bytes (b"" if the body is empty), by the first-byte deadline."""
-        try:
-            async with asyncio.timeout_at(self._deadline_s):
-                return await self._resp.readany()
-        except TimeoutError:
-            raise upstream_timeout(
-                f"backend {self.backend} sent no data in time"
-            ) from None
-        except WireError as exc:
-            raise _wire_error(self.backend, exc) from None
+    def first_chunk(self) -> bytes:
+        """The first body bytes, which `Upstream.post` waited for (b"" for an empty body)."""
+        return self._resp.take()
 
     @property
     def complete(self) -> bool:
@@ -134,7 +126,8 @@ class Upstream:
     async def post(
         self, backend: str, url: str, body: bytes, headers: Mapping[str, str]
     ) -> UpstreamResponse:
-        """Send the request and wait for the response headers."""
+        """Send the request and wait for the response's first body bytes (the headers and
+        the prefill), by the first-byte deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeouts.first_byte_s
         target = self._target(url)
@@ -145,7 +138,9 @@ class Upstream:
                 return UpstreamResponse(self._client, resp, backend, deadline,
                                         self._timeouts.idle_s)
             except TimeoutError:
-                raise upstream_timeout(f"backend {backend} did not answer in time") from None
+                raise upstream_timeout(
+                    f"backend {backend} sent no data within {self._timeouts.first_byte_s:g} s"
+                ) from None
             except WireError as exc:
                 if last_try or not _dropped_connection(exc):
                     raise _wire_error(backend, exc) from None

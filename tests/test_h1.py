@@ -152,6 +152,42 @@ def test_a_connection_the_server_will_close_is_not_reused(head: bytes) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("body", [b"data: first\n\n", b""])
+def test_request_returns_with_the_first_body_bytes_not_the_bare_head(body: bytes) -> None:
+    """A streaming server sends its head at once and the first bytes after the prefill:
+    the requester is woken once, when both are in (or when an empty body has ended)."""
+    head_sent = asyncio.Event()
+
+    async def reply(server: Server, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        framing = b"transfer-encoding: chunked" if body else b"content-length: 0"
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n")
+        await writer.drain()
+        head_sent.set()
+        if body:
+            await asyncio.sleep(0.3)
+            writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+            await writer.drain()
+        await asyncio.sleep(1)  # keep the connection open for reuse
+
+    async def main() -> None:
+        async with Server(reply) as server:
+            client = H1Client(connect_timeout_s=2)
+            requesting = asyncio.create_task(
+                client.request(parse_url(server.url), b"{}", {}))
+            await head_sent.wait()
+            await asyncio.sleep(0.1)  # the head has had time to arrive
+            assert requesting.done() is not bool(body)
+            response = await requesting
+            assert response.take() == body
+            assert await response.read() == b""
+            client.release(response)
+            assert client.idle_count() == 1
+            await client.close()
+    run(main())
+
+
 def test_informational_response_is_skipped() -> None:
     async def reply(server: Server, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:

@@ -304,7 +304,8 @@ class _Connection(asyncio.Protocol):
             self._abandon(BadResponse(f"unparseable response: {exc}"))
             return
         response._fed()
-        self._signal_ready()
+        if self._ready is not None:
+            self._signal_ready()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost finishes or fails the response
@@ -394,9 +395,11 @@ class _Connection(asyncio.Protocol):
         """Wake the requester once the first body bytes (or the end of the body) are in:
         one wake-up per request, whether the head and the body came in one read or two."""
         ready, response = self._ready, self._response
-        if (ready is not None and response is not None and not ready.done()
-                and (response._chunks or response._done)):
+        if ready is None or response is None or not (response._chunks or response._done):
+            return
+        if not ready.done():
             ready.set_result(None)
+        self._ready = None  # the requester has its answer; later reads need not look
 
     def _abandon(self, error: WireError) -> None:
         if self._ready is not None and not self._ready.done():

@@ -5,7 +5,8 @@ what comes back, often thousands of small SSE chunks a second. A general client 
 of its time per request on machinery this does not need (middleware, cookie and redirect
 handling, per-request objects and timers, stream readers layered on stream readers), so the
 hot path has its own: one `transport.write` per request, the llhttp parser (httptools)
-calling straight into the response, and body bytes handed to the reader as they arrive.
+calling straight into the connection, and the body bytes of each socket read handed to the
+reader together, as they arrive.
 
 - `H1Client` keeps idle connections per origin (scheme, host, port), reused most-recent
   first; one idle for longer than `keepalive_s` (or closed by the server) is discarded.
@@ -280,6 +281,11 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._client = client
         self._transport: asyncio.Transport | None = None
+        # The parser calls on_body once per HTTP chunk, and an upstream streaming SSE sends
+        # one chunk per event, often dozens in one socket read: a list's own append takes
+        # them without a Python frame each, and the read's body goes to the response whole.
+        self._body: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self._body.append
         self._parser = httptools.HttpResponseParser(self)
         self._response: Response | None = None
         self._ready: asyncio.Future[None] | None = None  # set by the first body bytes
@@ -303,6 +309,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._abandon(BadResponse(f"unparseable response: {exc}"))
             return
+        body = self._body
+        if body:
+            response._feed(body[0] if len(body) == 1 else b"".join(body))
+            body.clear()
         response._fed()
         if self._ready is not None:
             self._signal_ready()
@@ -324,7 +334,7 @@ class _Connection(asyncio.Protocol):
             self._abandon(Dropped(f"connection lost ({reason})",
                                   before_reply=not response.status))
 
-    # httptools callbacks
+    # httptools callbacks (on_body is the list's append, set in __init__)
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._response is not None
         self._response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -343,10 +353,6 @@ class _Connection(asyncio.Protocol):
             "content-length" not in headers and "chunked" not in
             headers.get("transfer-encoding", "").lower() and status not in (204, 304)
         )
-
-    def on_body(self, body: bytes) -> None:
-        assert self._response is not None
-        self._response._feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -402,6 +408,7 @@ class _Connection(asyncio.Protocol):
         self._ready = None  # the requester has its answer; later reads need not look
 
     def _abandon(self, error: WireError) -> None:
+        self._body.clear()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
             self._ready.exception()  # retrieved by the caller, or by nobody

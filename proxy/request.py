@@ -35,10 +35,10 @@ ROUTED: dict[str, Endpoint] = {
 # Client headers never sent upstream: hop-by-hop ones, the proxy's own credentials, and
 # the ones aiohttp computes itself.
 _DROPPED = frozenset({
-    "host", "content-length", "authorization", "x-api-key", "connection", "keep-alive",
-    "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
-    "proxy-connection", "accept-encoding", "cookie", "expect",
-})
+    b"host", b"content-length", b"authorization", b"x-api-key", b"connection", b"keep-alive",
+    b"transfer-encoding", b"te", b"trailer", b"upgrade", b"proxy-authorization",
+    b"proxy-connection", b"accept-encoding", b"cookie", b"expect",
+})  # names as the server hands them over: lower-cased bytes
 _AFFINITY_HEADERS = (b"x-session-id", b"session_id", b"session-id", b"conversation_id")
 
 
@@ -97,7 +97,7 @@ def parse(
     forwarded = {
         name.decode("latin-1"): value.decode("latin-1")
         for name, value in headers
-        if name.decode("latin-1") not in _DROPPED
+        if name not in _DROPPED
     }
     forwarded["x-request-id"] = request_id
     forwarded["accept-encoding"] = "identity"

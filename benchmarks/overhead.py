@@ -2,8 +2,8 @@
 `sluiceway serve`, and through nginx as a reference, measured side by side in one run.
 
     python benchmarks/overhead.py [--requests 2000] [--concurrency 1,64] [--tokens 64]
-                                  [--token-delay-ms 0] [--no-nginx] [--install-nginx]
-                                  [--floor]
+                                  [--token-delay-ms 0] [--rounds 3] [--no-nginx]
+                                  [--install-nginx] [--floor]
 
 nginx runs as a plain reverse proxy (one worker, `proxy_buffering off`, upstream
 keep-alive); `--install-nginx` installs Debian's package first when it is missing.
@@ -177,6 +177,10 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure each target this many times, interleaved, and report "
+                             "the totals (a burst of noise on a shared machine then hits "
+                             "every target alike)")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
     parser.add_argument("--install-nginx", action="store_true",
                         help="apt-get install nginx-light if it is missing")
@@ -226,15 +230,19 @@ def main() -> None:
                  "--upstream-port", str(up_port)], cwd=ROOT)
             wait_http(f"http://127.0.0.1:{floor_port}/health", floor)
             targets["py-floor"] = (f"http://127.0.0.1:{floor_port}", floor.pid)
+        order = list(targets.items())
         for c in (int(x) for x in args.concurrency.split(",")):
-            for name, (base, pid) in targets.items():
-                results.append(run(name, base, pid, args.requests, c, args.tokens))
+            rounds: dict[str, list[Result]] = {name: [] for name in targets}
+            for i in range(args.rounds):  # interleaved, each round in a rotated order
+                for name, (base, pid) in order[i % len(order):] + order[:i % len(order)]:
+                    rounds[name].append(run(name, base, pid, args.requests, c, args.tokens))
+            results += [merge(rs) for rs in rounds.values()]
         rss = peak_rss_mb(proxy.pid)
     finally:
         for proc in (p for p in (nginx, floor, proxy, upstream) if p is not None):
             proc.terminate()
             proc.wait(10)
-    print(f"\n{args.requests} streams of {args.tokens} tokens, "
+    print(f"\n{args.requests} streams of {args.tokens} tokens x {args.rounds} rounds, "
           f"{args.token_delay_ms:g} ms/token upstream delay")
     header = (f"{'target':<10} {'conc':>5} {'req/s':>9} {'ratio':>6} {'events/s':>10} "
               f"{'ratio':>6} {'ttft p50':>9} {'p99':>8} {'added p50':>10} {'errors':>6} "
@@ -252,6 +260,19 @@ def main() -> None:
               f"{r.errors:>6} {r.client_cpu_s / r.wall_s:>9.0%} {r.box_busy:>8.0%} "
               f"{_per_request_us(r):>13}")
     print(f"sluiceway peak RSS: {rss:.0f} MB")
+
+
+def merge(rounds: list[Result]) -> Result:
+    """One row from several rounds: rates from the summed counts and times, percentiles
+    over all the requests."""
+    first = rounds[0]
+    return Result(
+        first.target, first.concurrency, sum(r.requests for r in rounds),
+        sum(r.errors for r in rounds), sum(r.wall_s for r in rounds),
+        sum(r.client_cpu_s for r in rounds), sum(r.events for r in rounds),
+        [t for r in rounds for t in r.ttfts], sum(r.proxy_cpu_s for r in rounds),
+        sum(r.box_busy * r.wall_s for r in rounds) / sum(r.wall_s for r in rounds),
+    )
 
 
 def _per_request_us(r: Result) -> str:

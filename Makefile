@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint typecheck llama-server clean
+.PHONY: install demo demo-quick test lint typecheck llama-server overhead clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/sluiceway demo --quick --out sluiceway-demo
+
+# Proxy overhead against direct and nginx (apt-get installs nginx-light if missing: root).
+overhead: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py --install-nginx --floor
+	$(BIN)/python benchmarks/overhead.py --install-nginx --requests 2048 --tokens 128 \
+		--token-delay-ms 5 --concurrency 128,1024
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

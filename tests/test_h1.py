@@ -71,6 +71,24 @@ class Server:
             writer.close()
 
 
+def paced(*pieces: bytes, head: bytes = b"transfer-encoding: chunked",
+          pause_s: float = 0.05, then_s: float = 1.0
+          ) -> Callable[[Server, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A reply: a 200 head with `head`, then each piece after a pause, then the connection
+    held open for `then_s`."""
+    async def reply(server: Server, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n")
+        await writer.drain()
+        for piece in pieces:
+            await asyncio.sleep(pause_s)
+            writer.write(piece)
+            await writer.drain()
+        await asyncio.sleep(then_s)
+    return reply
+
+
 async def keep_alive_ok(server: Server, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
     while await server.read_request(reader) is not None:
@@ -156,28 +174,15 @@ def test_a_connection_the_server_will_close_is_not_reused(head: bytes) -> None:
 def test_request_returns_with_the_first_body_bytes_not_the_bare_head(body: bytes) -> None:
     """A streaming server sends its head at once and the first bytes after the prefill:
     the requester is woken once, when both are in (or when an empty body has ended)."""
-    head_sent = asyncio.Event()
-
-    async def reply(server: Server, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        framing = b"transfer-encoding: chunked" if body else b"content-length: 0"
-        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n")
-        await writer.drain()
-        head_sent.set()
-        if body:
-            await asyncio.sleep(0.3)
-            writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
-            await writer.drain()
-        await asyncio.sleep(1)  # keep the connection open for reuse
+    reply = paced(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body), pause_s=0.3) if body \
+        else paced(head=b"content-length: 0")
 
     async def main() -> None:
         async with Server(reply) as server:
             client = H1Client(connect_timeout_s=2)
             requesting = asyncio.create_task(
                 client.request(parse_url(server.url), b"{}", {}))
-            await head_sent.wait()
-            await asyncio.sleep(0.1)  # the head has had time to arrive
+            await asyncio.sleep(0.15)  # the head has had time to arrive, the body not
             assert requesting.done() is not bool(body)
             response = await requesting
             assert response.take() == body
@@ -437,17 +442,7 @@ def test_relay_hands_reads_to_the_sink_which_can_pause_and_resume_the_socket() -
 
 def test_relay_returns_the_bytes_that_came_with_the_end_of_the_body() -> None:
     """So the proxy can write them together with the end of its own reply."""
-    async def reply(server: Server, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"5\r\nfirst\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"4\r\nlast\r\n0\r\n\r\n")  # the last data and the end, one write
-        await writer.drain()
+    reply = paced(b"5\r\nfirst\r\n", b"4\r\nlast\r\n0\r\n\r\n")  # the last data + the end
 
     async def main() -> None:
         async with Server(reply) as server:
@@ -463,15 +458,7 @@ def test_relay_returns_the_bytes_that_came_with_the_end_of_the_body() -> None:
 
 
 def test_an_error_in_the_sink_reaches_the_relaying_task() -> None:
-    async def reply(server: Server, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"4\r\nboom\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
+    reply = paced(b"4\r\nboom\r\n", then_s=5)
 
     def sink(data: bytes) -> None:
         raise ValueError(data)

@@ -89,6 +89,30 @@ def paced(*pieces: bytes, head: bytes = b"transfer-encoding: chunked",
     return reply
 
 
+class Bulk:
+    """A reply of `total` bytes in 64 KiB pieces, as fast as the client takes them, framed by
+    Content-Length or chunked; `written` counts the body bytes the socket has accepted."""
+
+    def __init__(self, total: int, chunked: bool) -> None:
+        self.total = total
+        self.chunked = chunked
+        self.written = 0
+
+    async def __call__(self, server: Server, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        framing = b"transfer-encoding: chunked" if self.chunked \
+            else b"content-length: %d" % self.total
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n")
+        piece = b"x" * 65536
+        while self.written < self.total:
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece) if self.chunked else piece)
+            await writer.drain()
+            self.written += len(piece)
+        if self.chunked:
+            writer.write(b"0\r\n\r\n")
+
+
 async def keep_alive_ok(server: Server, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
     while await server.read_request(reader) is not None:
@@ -308,30 +332,19 @@ def test_idle_connections_expire_and_server_closed_ones_are_forgotten() -> None:
 
 def test_a_reader_that_falls_behind_stops_the_socket_being_read() -> None:
     total = 64 * HIGH_WATER
-    piece = b"x" * 65536
-    written = 0
-
-    async def reply(server: Server, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        nonlocal written
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
-        while written < total:
-            writer.write(piece)
-            await writer.drain()
-            written += len(piece)
+    bulk = Bulk(total, chunked=False)
 
     async def main() -> None:
-        async with Server(reply) as server:
+        async with Server(bulk) as server:
             client = H1Client(connect_timeout_s=2)
             response = await client.request(parse_url(server.url), b"{}", {})
             await asyncio.sleep(0.5)  # the reader takes nothing meanwhile
-            stalled_at = written
+            stalled_at = bulk.written
             assert stalled_at < total / 2, stalled_at  # held back by the paused socket
             received = 0
             while chunk := await response.readany():
                 received += len(chunk)
-            assert (received, written) == (total, total)
+            assert (received, bulk.written) == (total, total)
             client.release(response)
             assert client.idle_count() == 1
             await client.close()
@@ -399,22 +412,10 @@ def test_idle_watch_fails_a_stalled_body_but_not_a_slow_steady_one() -> None:
 
 def test_relay_hands_reads_to_the_sink_which_can_pause_and_resume_the_socket() -> None:
     total = 64 * HIGH_WATER
-    piece = b"x" * 65536
-    written = 0
-
-    async def reply(server: Server, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        nonlocal written
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        while written < total:
-            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
-            await writer.drain()
-            written += len(piece)
-        writer.write(b"0\r\n\r\n")
+    bulk = Bulk(total, chunked=True)
 
     async def main() -> None:
-        async with Server(reply) as server:
+        async with Server(bulk) as server:
             client = H1Client(connect_timeout_s=2)
             response = await client.request(parse_url(server.url), b"{}", {})
             response.watch_idle(0.2)  # a paused relay is a slow client, not a stalled upstream
@@ -429,11 +430,11 @@ def test_relay_hands_reads_to_the_sink_which_can_pause_and_resume_the_socket() -
             relaying = asyncio.create_task(response.relay(sink))
             await asyncio.sleep(0.6)
             assert not relaying.done()
-            assert written < total / 2 and sum(received) < total / 2
+            assert bulk.written < total / 2 and sum(received) < total / 2
             holding = False
             response.resume()
             last = await relaying  # what came with the end of the body, not sunk
-            assert sum(received) + len(last) == total and written == total
+            assert sum(received) + len(last) == total and bulk.written == total
             client.release(response)
             assert client.idle_count() == 1
             await client.close()

@@ -33,7 +33,7 @@ ROUTED: dict[str, Endpoint] = {
 }
 
 # Client headers never sent upstream: hop-by-hop ones, the proxy's own credentials, and
-# the ones aiohttp computes itself.
+# the ones the upstream client (proxy/h1.py) writes itself.
 _DROPPED = frozenset({
     b"host", b"content-length", b"authorization", b"x-api-key", b"connection", b"keep-alive",
     b"transfer-encoding", b"te", b"trailer", b"upgrade", b"proxy-authorization",

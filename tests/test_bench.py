@@ -32,18 +32,32 @@ def level(url: str, concurrency: int, requests: int, workload: Workload = WORKLO
 
 
 def test_metrics_match_a_server_with_known_timing(launch: Launcher) -> None:
-    # first event after 100 ms, then one every 10 ms: 20 tokens end at 290 ms
+    # first event after 100 ms, then one every 10 ms. The bench is compared with what the
+    # server recorded of each stream on its own clock, not with the nominal delays: a
+    # 10 ms sleep takes 10.3 ms on an idle 2-core machine and more beside busy ones.
     up = launch.upstream("known", first_delay_ms=100, token_delay_ms=10)
     r = level(up.url, concurrency=4, requests=24)
     assert r["completed"] == 24 and r["failed"] == 0
     assert r["total_output_tokens"] == 24 * 20  # from usage, which the bench asks for
-    assert r["mean_ttft_ms"] == pytest.approx(100, rel=0.05)
-    assert r["mean_tpot_ms"] == pytest.approx(10, rel=0.05)
-    assert r["median_itl_ms"] == pytest.approx(10, rel=0.05)
-    assert r["mean_e2el_ms"] == pytest.approx(290, rel=0.05)
-    # 4 streams back to back; the server sleeps once more after the last token, so each
-    # request holds its stream for 100 + 20 x 10 = 300 ms
-    assert r["output_throughput"] == pytest.approx(4 * 20 / 0.300, rel=0.05)
+    server = up.get("/_stats")["timings"]
+    assert len(server) == 24
+
+    def mean_ms(key: str) -> float:
+        return 1000 * sum(t[key] for t in server) / len(server)
+
+    assert mean_ms("ttft") >= 100 and mean_ms("tpot") >= 10  # the server did as asked
+    # A client sees each event after the server sent it, by the loopback's and its own
+    # scheduling delay: a few ms at most. TTFT and E2EL carry that delay once per request
+    # (one-sided bound); TPOT and ITL are differences, so it cancels out but for jitter.
+    for key in ("ttft", "e2el"):
+        assert mean_ms(key) <= r[f"mean_{key}_ms"] <= mean_ms(key) * 1.03 + 5, key
+    assert r["mean_tpot_ms"] == pytest.approx(mean_ms("tpot"), rel=0.03, abs=0.5)
+    assert r["median_itl_ms"] == pytest.approx(
+        1000 * sorted(t["median_itl"] for t in server)[12], rel=0.05, abs=0.5)
+    # the bench's run spans the server's (from the first arrival to the last stream's
+    # end), a little longer: the connection's set-up and the last read
+    span = max(t["end"] for t in server) - min(t["arrival"] for t in server)
+    assert 24 * 20 / span * 0.97 <= r["output_throughput"] <= 24 * 20 / span
     assert r["max_concurrent_requests"] == 4
 
 

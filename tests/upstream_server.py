@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import statistics
 import time
 from typing import Any
 
@@ -25,6 +27,10 @@ class Upstream:
         self.requests = 0
         self.disconnects: list[float] = []
         self.events_sent = 0  # stream events handed to the server, over all requests
+        # per finished stream, by the server's own clock: so timing tests compare a client's
+        # figures with what really happened, not with the nominal delays (a sleep of 10 ms
+        # takes 10.3 ms on a busy machine)
+        self.timings: list[dict[str, float]] = []
         self.last_body: dict[str, Any] = {}
         self.last_headers: dict[str, str] = {}
         self.fail_status = 0
@@ -71,6 +77,7 @@ class Upstream:
                 "disconnects": self.disconnects, "events_sent": self.events_sent,
                 "last_body": self.last_body,
                 "last_headers": self.last_headers, "now": time.time(),
+                "timings": self.timings,
             })
         if path == "/_control":
             self._control(orjson.loads(body))
@@ -92,6 +99,7 @@ class Upstream:
             self.first_delay_s = control["first_delay_ms"] / 1000
         if control.get("reset"):
             self.max_active, self.requests, self.disconnects = self.active, 0, []
+            self.timings = []
 
     async def _generate(self, scope: Any, receive: Any, send: Any, path: str,
                         req: dict[str, Any]) -> None:
@@ -117,6 +125,7 @@ class Upstream:
             self.active -= 1
 
     async def _answer(self, receive: Any, send: Any, path: str, req: dict[str, Any]) -> None:
+        arrival = time.perf_counter()
         n = int(req.get("max_tokens") or req.get("max_completion_tokens") or 8)
         prompt_tokens = len(orjson.dumps(req.get("messages") or req.get("prompt") or "")) // 4
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
@@ -151,6 +160,7 @@ class Upstream:
             disconnected.set()
 
         watcher = asyncio.create_task(watch())
+        sent: list[float] = []
         try:
             for i in range(n):
                 if disconnected.is_set():
@@ -163,6 +173,7 @@ class Upstream:
                 choice = ({"index": 0, "delta": delta, "finish_reason": None} if chat
                           else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
                 await _event(send, {"id": "c1", "model": req["model"], "choices": [choice]})
+                sent.append(time.perf_counter())
                 self.events_sent += 1
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
@@ -171,8 +182,20 @@ class Upstream:
                 await _event(send, {"id": "c1", "model": req["model"], "choices": [],
                                     "usage": usage})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            if sent:
+                self._record(arrival, sent)
         finally:
             watcher.cancel()
+
+    def _record(self, arrival: float, sent: list[float]) -> None:
+        """One finished stream's timing, in seconds on this process's perf_counter."""
+        gaps = [b - a for a, b in itertools.pairwise(sent)]
+        self.timings.append({
+            "arrival": arrival, "end": time.perf_counter(), "ttft": sent[0] - arrival,
+            "tpot": (sent[-1] - sent[0]) / len(gaps) if gaps else 0.0,
+            "e2el": sent[-1] - arrival, "median_itl": statistics.median(gaps) if gaps else 0.0,
+        })
+        del self.timings[:-1000]
 
 
 async def _event(send: Any, data: dict[str, Any]) -> None:

@@ -150,6 +150,78 @@ def windowed(level: LevelResult, warmup_s: float, window_s: float,
     }
 
 
+def whole_run(level: LevelResult, speed: float, first_s: float) -> dict[str, Any]:
+    """A closed-loop level as a user measures it, in profile time: every request counted,
+    output tok/s over the whole run from the first dispatch to the last token (as
+    `vllm bench serve` reports it), and the output rate within its first `first_s`."""
+    head_end = level.started + first_s / speed
+    head = 0.0
+    for r in level.records:
+        times = chunk_times(r) if r.ok else []
+        if times:
+            head += r.output_tokens / len(times) * sum(1 for t in times if t < head_end)
+    ok = [r for r in level.records if r.ok]
+    ttfts = [r.ttft * speed for r in ok if r.ttft is not None]
+    return {
+        "tok_s": sum(r.output_tokens for r in ok) / level.duration / speed,
+        "first_tok_s": head / min(first_s, level.duration * speed),
+        "failed": len(level.records) - len(ok),
+        "mean_ttft_s": statistics.fmean(ttfts) if ttfts else 0.0,
+        "p99_ttft_s": percentile(ttfts, 99),
+        "requests": len(level.records),
+        "llama_share": (sum(1 for r in level.records if (r.backend or "").startswith("llama"))
+                        / len(level.records)),
+    }
+
+
+def cold_level(url: str, concurrency: int, per_c: int, speed: float) -> dict[str, Any]:
+    """One level from a fresh start: one warm-up request (uncounted), then
+    max(16, per_c x concurrency) requests, all counted."""
+    level = asyncio.run(closed_loop(Target("t", url), WORKLOAD, concurrency,
+                                    requests=max(16, per_c * concurrency), duration_s=None,
+                                    warmup=1, timeout_s=900, show_progress=False))
+    return whole_run(level, speed, first_s=10.0)
+
+
+def cold_sweep(label: str, levels: list[int], per_c: int, speed: float,
+               start: Any) -> dict[int, dict[str, Any]]:
+    """`start()` gives a fresh (process, url) for every level; it is stopped after."""
+    out = {}
+    for c in levels:
+        proc, url = start()
+        try:
+            out[c] = cold_level(url, c, per_c, speed)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+        print(f"  {label:<28} c={c:<4} {out[c]['tok_s']:>7,.0f} tok/s "
+              f"(first 10 s {out[c]['first_tok_s']:>7,.0f})  failed {out[c]['failed']}  "
+              f"TTFT {out[c]['mean_ttft_s']:.2f} s (p99 {out[c]['p99_ttft_s']:.2f})  "
+              f"llama {out[c]['llama_share']:.0%}", file=sys.stderr, flush=True)
+    return out
+
+
+def print_cold(title: str, results: dict[str, dict[int, dict[str, Any]]],
+               singles: list[str], levels: list[int]) -> None:
+    print(f"\n## {title} (cold: a fresh proxy per level, whole runs)\n")
+    header = (f"{'target':<20} {'conc':>5} {'out tok/s':>10} {'first 10 s':>11} "
+              f"{'failed':>7} {'TTFT mean':>10} {'TTFT p99':>9} {'llama share':>12} "
+              f"{'vs best':>8} {'first 10 s':>11}")
+    print(header)
+    print("-" * len(header))
+    for target, per_level in results.items():
+        for c in levels:
+            m = per_level[c]
+            best = max(results[s][c]["tok_s"] for s in singles)
+            best_head = max(results[s][c]["first_tok_s"] for s in singles)
+            ratio = "" if target in singles else f"{m['tok_s'] / best:.2f}x"
+            head = "" if target in singles else f"{m['first_tok_s'] / best_head:.2f}x"
+            print(f"{target:<20} {c:>5} {m['tok_s']:>10,.0f} {m['first_tok_s']:>11,.0f} "
+                  f"{m['failed']:>7} {m['mean_ttft_s']:>9.2f}s {m['p99_ttft_s']:>8.2f}s "
+                  f"{m['llama_share']:>11.0%} {ratio:>8} {head:>11}")
+
+
 def run_level(url: str, concurrency: int, expected_tok_s: float, speed: float) -> dict[str, Any]:
     # Fixed-length requests started together stay in cohorts (all prefill, then all
     # decode), so the window spans a whole number of request cycles.
@@ -255,6 +327,11 @@ def main() -> None:
                              "instances only")
     parser.add_argument("--real-shapes", default="abc",
                         help="which real llama-server agent shapes to run (letters)")
+    parser.add_argument("--cold", action="store_true",
+                        help="whole runs, a freshly started proxy per level and policy, no "
+                             "learning pass (as a user meets it after a deploy)")
+    parser.add_argument("--per-c", type=int, default=3,
+                        help="with --cold: requests per level = max(16, PER_C x concurrency)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -271,12 +348,24 @@ def main() -> None:
                              get_profile(vllm_profile).aggregate_tok_s(c)) for c in levels}
             slow = {c: get_profile(llama_profile).aggregate_tok_s(c) for c in levels}
             print(f"{title}:", file=sys.stderr)
+            backends = [(llama_profile, "llamacpp", llama_url),
+                        (vllm_profile, "vllm", vllm_url)]
+            if args.cold:
+                results = {name: cold_sweep(name, levels, args.per_c, args.speed,
+                                            lambda u=url: (None, u))
+                           for name, url in ((llama_profile, llama_url),
+                                             (vllm_profile, vllm_url))}
+                for policy in args.policies.split(","):
+                    results[policy] = cold_sweep(
+                        policy, levels, args.per_c, args.speed,
+                        lambda p=policy: fleet.proxy(backends, p))
+                print_cold(title, results, [llama_profile, vllm_profile], levels)
+                report["pools"][title] = results
+                continue
             results = {
                 llama_profile: sweep(llama_url, levels, slow, args.speed, llama_profile),
                 vllm_profile: sweep(vllm_url, levels, expect, args.speed, vllm_profile),
             }
-            backends = [(llama_profile, "llamacpp", llama_url),
-                        (vllm_profile, "vllm", vllm_url)]
             for policy in args.policies.split(","):
                 proc, url = fleet.proxy(backends, policy)
                 try:

@@ -1,22 +1,24 @@
 """Predictions from a backend's learned curves (pure functions over a snapshot).
 
 - `aggregate_tok_s(b, n)`: output tokens/s summed over n concurrent streams. Between
-  learned points it is linear in n; below the first point the first point's per-stream rate
-  holds. Past the last learned point (n_last, T_last) the slope s of the last segment
-  (from the origin when there is one point) carries on, fading as sqrt(n_last / n):
-  T = T_last + 2 s sqrt(n_last) (sqrt(n) - sqrt(n_last)). More streams are assumed to add
-  throughput with diminishing returns, as batching does, at first as much as they did last,
-  so a backend still scaling is explored past its frontier rather than judged flat there
-  (a plain T_last * sqrt(n / n_last) made vLLM FP8 at 26 of 32 streams look no better than
-  a sixth llama.cpp stream, so it was never measured at 32), and a curve that has gone flat
-  stays flat. explore_limit keeps the guess from being trusted far; learned points
-  replace it as requests finish. A backend with no samples gets
-  `prior_stream_tok_s` per stream. The learned points are read as a non-decreasing curve
-  (a running maximum): a noisy low sample taken during a burst of prefills must not make a
-  backend look as if more load would lower its throughput.
+  learned points it is linear in n; outside them the engine kind's shape g
+  (policies/priors.py) carries the nearest learned point on: T = T_last g(n) / g(n_last)
+  past the last one, T_first g(n) / g(n_first) below the first. A backend with no samples
+  gets `prior_stream_tok_s` g(n). So a vLLM measured at 24 streams is expected to gain
+  from a 32nd (it is explored there rather than judged flat), a llama.cpp measured at one
+  stream is not expected to double at two (an earlier extrapolation from the last slope
+  did expect that, and walked llama.cpp up to 16 streams on a cold proxy while vLLM still
+  scaled). explore_limit keeps the guess from being trusted far; learned points replace
+  it as requests finish. The learned points are read as a non-decreasing curve (a running
+  maximum): a noisy low sample taken during a burst of prefills must not make a backend
+  look as if more load would lower its throughput.
 - `explore_limit(b)`: how far past its highest learned concurrency a backend may be
-  loaded before a sample from there comes back: twice that concurrency, at least two more;
-  one request for a backend not measured at all.
+  loaded before a sample from there comes back: twice that concurrency, at least two more.
+  None for a backend not measured at all: its kind's shape is all there is to go on, and
+  a limit there forced the traffic of a cold burst onto the one backend that happened to
+  be measured (a fresh proxy whose warm-up request had gone to llama.cpp put 3 of the
+  next 8 streams there, 0.85x vLLM alone over the whole run; the idle-probe rule of
+  adaptive and the shape already keep an unmeasured backend from being flooded blindly).
 - `ttft_s(b, n)`: linear between learned points, flat outside them; `prior_ttft_s` when
   nothing is known.
 """
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 
 from backends.snapshot import BackendSnapshot
+from policies import priors
 
 DEFAULT_STREAM_TOK_S = 50.0
 DEFAULT_OUTPUT_TOKENS = 256
@@ -43,19 +46,18 @@ def _interpolate(points: Sequence[tuple[int, float]], n: float) -> float:
 def aggregate_tok_s(b: BackendSnapshot, n: float, prior_stream_tok_s: float) -> float:
     if n <= 0:
         return 0.0
+    shape = priors.shape_of(b.kind)
     points = monotone(b.throughput_curve)
     if not points:
-        return prior_stream_tok_s * n
+        return prior_stream_tok_s * priors.relative(shape, n)
     first_n, first_t = points[0]
     if n <= first_n:
-        return first_t / first_n * n
+        return first_t * priors.relative(shape, n) / priors.relative(shape, first_n)
     last_n, last_t = points[-1]
     if n <= last_n:
         return _interpolate(points, n)
-    # past the last point the last segment's slope goes on, fading as 1/sqrt(n)
-    prev_n, prev_t = points[-2] if len(points) > 1 else (0, 0.0)
-    slope = (last_t - prev_t) / (last_n - prev_n)
-    return last_t + 2 * slope * math.sqrt(last_n) * (math.sqrt(n) - math.sqrt(last_n))
+    # past the last point the curve goes on as the kind's shape does from there
+    return last_t * priors.relative(shape, n) / priors.relative(shape, last_n)
 
 
 def monotone(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -67,7 +69,7 @@ def monotone(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
 
 def explore_limit(b: BackendSnapshot) -> float:
     if not b.throughput_curve:
-        return 1
+        return math.inf
     highest = b.throughput_curve[-1][0]
     return max(2 * highest, highest + 2)
 
@@ -85,8 +87,11 @@ def ttft_s(b: BackendSnapshot, n: float, prior_ttft_s: float) -> float:
 
 def prior_stream_tok_s(backends: Sequence[BackendSnapshot]) -> float:
     """For a backend never observed: the best single-stream rate seen anywhere in the pool
-    (optimistic, so it gets tried), or a default."""
-    rates = [pts[0][1] / pts[0][0] for pts in (b.throughput_curve for b in backends) if pts]
+    (optimistic, so it gets tried), each backend's first learned point taken back to one
+    stream along its kind's shape; or a default."""
+    rates = [b.throughput_curve[0][1] / priors.relative(priors.shape_of(b.kind),
+                                                        b.throughput_curve[0][0])
+             for b in backends if b.throughput_curve]
     return max(rates, default=DEFAULT_STREAM_TOK_S)
 
 

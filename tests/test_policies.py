@@ -98,10 +98,11 @@ def test_no_policy_exceeds_capacity(policy: str) -> None:
 # ---- adaptive and latency: learned curves in the snapshot ---------------------------------
 
 def learned(name: str, index: int, in_flight: int, curve: dict[int, float],
-            ttft: dict[int, float] | None = None, capacity: int | None = None) -> BackendSnapshot:
+            ttft: dict[int, float] | None = None, capacity: int | None = None,
+            kind: str = "openai") -> BackendSnapshot:
     """A backend whose learned throughput curve is {concurrency: aggregate tok/s}."""
     return BackendSnapshot(
-        name=name, index=index, kind="openai", health=Health.HEALTHY, capacity=capacity,
+        name=name, index=index, kind=kind, health=Health.HEALTHY, capacity=capacity,
         in_flight=in_flight, models=frozenset({"m"}), ttft_s=None, decode_tok_s=None,
         upstream_running=None, upstream_waiting=None,
         throughput_curve=tuple(sorted(curve.items())),
@@ -169,6 +170,55 @@ def test_adaptive_fills_a_pool_like_the_marginal_gains_say() -> None:
         if total == 32:
             assert load == {"llama": 1, "vllm": 31}
     assert 1 <= load["llama"] <= 8
+
+
+def fill(policy: Any, backends: dict[str, tuple[str, dict[int, float], int]],
+         total: int) -> dict[str, int]:
+    """Route `total` requests one after another, none finishing; {name: kind, curve,
+    capacity} describe the pool. Returns how many went where."""
+    load = dict.fromkeys(backends, 0)
+    for _ in range(total):
+        snap = pool(*(learned(name, i, load[name], curve, TTFT if curve else {}, cap, kind)
+                      for i, (name, (kind, curve, cap)) in enumerate(backends.items())))
+        decision = policy.choose(R128, snap)
+        assert isinstance(decision, Route)
+        load[decision.backend] += 1
+    return load
+
+
+@pytest.mark.parametrize(("total", "on_llama"), [(8, 1), (32, 1)])
+def test_adaptive_cold_burst_follows_the_engine_kinds(total: int, on_llama: int) -> None:
+    """A fresh proxy whose one finished request (a warm-up) went to llama.cpp, then a burst:
+    vLLM, never measured, is expected to scale as its kind does, llama.cpp to flatten as
+    its kind does. Before the kind shapes, the unmeasured vLLM was held at one stream
+    (an exploration limit) and llama.cpp got 3 of 8."""
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    load = fill(policy, {"llama": ("llamacpp", {1: 124}, 102), "vllm": ("vllm", {}, 1024)},
+                total)
+    assert load == {"llama": on_llama, "vllm": total - on_llama}
+
+
+def test_adaptive_cold_pool_of_one_kind_is_balanced() -> None:
+    """Two llama.cpp never measured: the same shape, so neither is preferred past the
+    other's load (the probe goes first, in config order)."""
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    load = fill(policy, {"a": ("llamacpp", {}, 8), "b": ("llamacpp", {}, 8)}, 12)
+    assert load == {"a": 6, "b": 6}
+
+
+def test_kind_shapes() -> None:
+    from policies import priors
+
+    assert priors.relative(priors.LLAMACPP, 1) == 1.0
+    assert priors.relative(priors.LLAMACPP, 0.5) == 0.5
+    assert priors.relative(priors.LLAMACPP, 1000) == priors.LLAMACPP[-1][1]  # flat past
+    assert priors.relative(priors.BATCHING, 20) == pytest.approx(9.5)  # between 8 and 32
+    assert priors.shape_of("vllm") is priors.BATCHING
+    assert priors.shape_of("llamacpp") is priors.LLAMACPP
+    assert priors.shape_of("something-new") is priors.BATCHING
+    for shape in priors.SHAPES.values():  # non-decreasing: more streams never lose
+        values = [g for _, g in shape]
+        assert values == sorted(values)
 
 
 def test_affinity_is_a_bounded_preference() -> None:

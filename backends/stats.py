@@ -35,6 +35,7 @@ class RequestResult:
     decode_s: float | None = None  # first content to last chunk
     concurrency: float | None = None  # mean in flight on the backend during the request
     prefilled_chars: float | None = None  # body bytes the backend prefilled (not cached)
+    whole_s: float | None = None  # a reply answered in one body: its duration (no TTFT)
 
 
 class BackendStats:
@@ -64,6 +65,9 @@ class BackendStats:
         rate = None
         if result.decode_s and result.output_tokens > 1:
             rate = (result.output_tokens - 1) / result.decode_s
+        elif result.whole_s and result.output_tokens > 1:
+            rate = self._whole_rate(result.whole_s, result.output_tokens)
+        if rate is not None:
             self.decode_tok_s.add(rate)
         if result.outcome == "ok" and result.output_tokens:
             self.output_tokens.add(result.output_tokens)
@@ -71,3 +75,10 @@ class BackendStats:
             self.prefill_chars_per_s.add(result.prefilled_chars / result.ttft_s)
         if result.concurrency is not None and result.outcome == "ok":
             self.curve.observe(result.concurrency, rate, result.ttft_s)
+
+    def _whole_rate(self, duration_s: float, output_tokens: int) -> float:
+        """A non-streamed reply shows no first token: its decode time is the duration less
+        the TTFT learned from streams (none known: the whole duration, which errs low by
+        the prefill's share), never less than half the duration."""
+        decode_s = max(duration_s - (self.ttft_s.value or 0.0), duration_s / 2)
+        return (output_tokens - 1) / decode_s

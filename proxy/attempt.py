@@ -24,6 +24,7 @@ class Attempt:
         "sent_at",
         "started",
         "status",
+        "whole",
     )
 
     def __init__(self, backend: str, load_area: float, prompt_chars: int = 0) -> None:
@@ -40,6 +41,7 @@ class Attempt:
         self.prompt_tokens = 0
         self.output_tokens = 0
         self.cached_tokens = 0  # of the prompt, served from the backend's prefix cache
+        self.whole = False  # answered in one body (not streamed): no first-token time
 
     def tokens(self, prompt: int, output: int, cached: int) -> None:
         self.prompt_tokens, self.output_tokens, self.cached_tokens = prompt, output, cached
@@ -79,4 +81,5 @@ class Attempt:
             decode_s=self.decode_s,
             concurrency=self.concurrency,
             prefilled_chars=self.prefilled_chars,
+            whole_s=self.duration_s if self.whole and self.ended_at is not None else None,
         )

@@ -143,6 +143,7 @@ class Forwarder:
             attempt.tokens(*token_counts(usage_of_body(body)))
         attempt.status = resp.status
         attempt.started = True
+        attempt.whole = True
         reply.respond(resp.status, body, self._headers(request, attempt, resp.content_type))
         attempt.end("ok" if resp.status < 400 else "rejected")
 

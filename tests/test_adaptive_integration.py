@@ -46,3 +46,19 @@ def test_adaptive_learns_and_avoids_overloading_llamacpp(launch: Launcher) -> No
     llama_points = dict(tuple(p) for p in httpx.get(proxy.url + "/admin/backends").json()
                         ["backends"][0]["throughput_curve"])
     assert max(llama_points) <= 12  # it was never loaded past its useful range
+
+
+def test_non_streamed_replies_teach_the_curve(launch: Launcher) -> None:
+    """A client that never streams must still teach adaptive each backend's speed: a whole
+    reply has no first-token time, but its duration and token count give a rate."""
+    up = launch.upstream("whole", token_delay_ms=5)  # 32 tokens: ~160 ms per reply
+    proxy = launch.proxy([backend("up", up, models=["m"])])
+    for _ in range(6):
+        r = httpx.post(proxy.url + "/v1/chat/completions", timeout=10, json={
+            "model": "m", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32
+    (state,) = httpx.get(proxy.url + "/admin/backends").json()["backends"]
+    assert state["throughput_curve"], state
+    # one stream at ~5 ms per token: at most 200 tok/s, and not below half that
+    ((n, tok_s),) = state["throughput_curve"]
+    assert n == 1 and 80 < tok_s <= 200, state["throughput_curve"]

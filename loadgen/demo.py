@@ -2,12 +2,14 @@
 
 Starts an emulated llama.cpp (`llamacpp-q4km`) and an emulated vLLM (`vllm-fp8-aiter`),
 `sluiceway serve` in front of both, sweeps each backend alone and the proxy, and prints one
-side-by-side table; JSON, PNG and HTML go under `--out`. The proxy first gets an
-uncounted pass at each level, since its `adaptive` policy learns from traffic. The
-emulators run at `--speed`; every figure is converted back to the profile's time (tok/s
-divided by the speed, TTFT multiplied by it), so the numbers read as on the measured
-hardware. Every process it
-starts is stopped at the end, on Ctrl-C too.
+side-by-side table; JSON, PNG and HTML go under `--out`. The proxy is measured as a user
+meets it: freshly started, every request counted from its first (no learning pass), whole
+runs as `vllm bench serve` reports them. The emulators run at `--speed`; every figure is
+converted back to the profile's time (tok/s divided by the speed, TTFT multiplied by it),
+so the numbers read as on the measured hardware. Under the table it says how the pool
+compares with its best member at each level, and how close each emulator came to its
+profile (a machine too busy for the speed asked shows there). Every process it starts is
+stopped at the end, on Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from emulator.profile import get_profile
 from loadgen import report
 from loadgen.local import free_port, wait_http
 from loadgen.runner import Target, closed_loop
@@ -86,14 +89,10 @@ models = ["{MODEL}"]
 
 
 def sweep(targets: list[Target], levels: list[int], requests_per_c: int,
-          show_progress: bool, learn: Target | None = None) -> list[dict[str, Any]]:
+          show_progress: bool) -> list[dict[str, Any]]:
     workload = Workload("chat", MODEL, input_len=512, output_len=128)
     results = []
     for target in targets:
-        if target is learn:  # an uncounted pass first: the router learns from traffic
-            for c in levels:
-                asyncio.run(closed_loop(target, workload, c, requests=2 * c, duration_s=None,
-                                        warmup=0, timeout_s=600, show_progress=show_progress))
         for c in levels:
             level = asyncio.run(closed_loop(
                 target, workload, c, requests=max(16, requests_per_c * c), duration_s=None,
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sluiceway demo: emulated llama.cpp and vLLM at --speed {speed:g}, "
               f"512 in / 128 out, closed loop at {', '.join(map(str, levels))}",
               file=sys.stderr)
-        results = sweep(targets, levels, 3, show_progress=True, learn=pool)
+        results = sweep(targets, levels, 3, show_progress=True)
     except KeyboardInterrupt:
         print("\nsluiceway demo: interrupted; stopping everything it started",
               file=sys.stderr)
@@ -141,11 +140,37 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{title}\n\n{table}\n")
     print(report.console([r for r in results if r["label"].startswith("sluiceway")],
                          scale=speed))
+    checks = verdict(results, speed)
+    print("\n" + "\n".join(checks))
     report.write_json(out / "demo.json", results, {"sluiceway_demo": 1, "speed_scale": speed})
     png = report.plot_png(results, scale=speed)
     (out / "demo.png").write_bytes(png)
     report.write_html(out / "demo.html", title, png,
-                      [table, report.console(results, scale=speed)])
+                      [table, report.console(results, scale=speed), "\n".join(checks)])
     print(f"\nwrote {out}/demo.json, demo.png, demo.html "
           f"in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def verdict(results: list[dict[str, Any]], speed: float) -> list[str]:
+    """The pool against its best member per level, and each emulator against its profile."""
+    by_label: dict[str, dict[int, float]] = {}
+    for r in results:
+        by_label.setdefault(r["label"], {})[r["max_concurrency"]] = (
+            r["output_throughput"] / speed)
+    pool = next(v for k, v in by_label.items() if k.startswith("sluiceway"))
+    singles = {k: v for k, v in by_label.items() if not k.startswith("sluiceway")}
+    ratios = []
+    for c, tok_s in pool.items():
+        name, best = max(((k, v[c]) for k, v in singles.items()), key=lambda kv: kv[1])
+        ratios.append(f"c={c} {tok_s / best:.2f}x ({name})")
+    lines = ["pool vs its best member: " + ", ".join(ratios)]
+    for name, per_level in singles.items():
+        profile = get_profile(name)
+        shares = [tok_s / profile.aggregate_tok_s(c) for c, tok_s in per_level.items()]
+        note = "" if all(abs(x - 1) <= 0.05 for x in shares) else (
+            "  (off by more than 5%: a machine too busy for --speed "
+            f"{speed:g}? try a lower one)")
+        lines.append(f"{name} vs its profile: "
+                     + ", ".join(f"{x:.0%}" for x in shares) + note)
+    return lines

@@ -33,10 +33,12 @@ best single backend; see docs/benchmarks.md).
 Pick: lowest cost; ties by in_flight / capacity, then config order. Exploration: an idle
 backend with no completed request yet is chosen first (config order), so every backend is
 measured before the model judges it (except for a returning session whose backend has
-room: its cached prefix is worth more than the probe); and a backend is not
+room: its cached prefix is worth more than the probe); and a measured backend is not
 loaded past twice the concurrency it has been measured at (model.explore_limit) while
-another backend is within its own limit, so one optimistic guess cannot flood a slow
-backend before its first answers come back.
+another backend is within its own limit, so one optimistic extrapolation cannot flood a
+slow backend before answers from there come back. A backend not measured at all is judged
+by its engine kind's shape (policies/priors.py) and has no such limit: a limit of one
+request there pushed a cold proxy's first burst onto whichever backend had been measured.
 
 Session affinity (bounded preference): a request with an affinity key (x-session-id or
 session_id header, prompt_cache_key or user field, else a hash of its first messages)

@@ -112,8 +112,14 @@ def load_settings(path: str | Path) -> Settings:
 
 def _explain(exc: ValidationError) -> str:
     lines = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    errors = exc.errors()
+    for error in errors:
+        loc = error["loc"]
+        if error["type"] == "too_short" and any(
+                len(other["loc"]) > len(loc) and other["loc"][:len(loc)] == loc
+                for other in errors):
+            continue  # a list whose bad items were dropped is then too short: said once
+        key = ".".join(str(part) for part in loc) or "(top level)"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"

@@ -70,3 +70,17 @@ def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_the_documented_error_is_what_serve_prints(tmp_path: Path) -> None:
+    """docs/configuration.md shows the message for a bad file; it must stay the real one
+    (a list whose only item is bad used to add a third line: "too short")."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    shown = doc.split("naming the key:\n\n```\n", 1)[1].split("```", 1)[0]
+    write(tmp_path, '[routing]\npolicy = "fastest"\n[[backends]]\nname = "a"\n'
+                    'url = "http://127.0.0.1:8080/v1"\n')
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", "c.toml"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2
+    assert out.stderr == shown

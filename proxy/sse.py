@@ -28,6 +28,8 @@ _CONTENT = re.compile(
     rb'|"tool_calls":\s*\[\s*\{'
 )
 _USAGE_ONLY_EVENT = re.compile(rb'"choices":\s*\[\s*\]')
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')  # a pre-filter: only says "maybe"
+_MESSAGE_START = b'"message_start"'  # Anthropic: the prompt's usage comes first
 _TAIL_CHUNKS = 8
 
 
@@ -58,8 +60,8 @@ def last_events_start(data: bytes, count: int, separator: bytes) -> int:
 
 
 class StreamObserver:
-    __slots__ = ("_held", "_pending", "_separator", "_strip_usage", "_tail", "first_content_at",
-                 "mid_event")
+    __slots__ = ("_held", "_opening_usage", "_pending", "_separator", "_strip_usage", "_tail",
+                 "first_content_at", "mid_event")
 
     def __init__(self, strip_usage: bool) -> None:
         self._strip_usage = strip_usage
@@ -69,11 +71,15 @@ class StreamObserver:
         self._tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         self.first_content_at: float | None = None
         self.mid_event = False  # the client has seen part of an event but not its end
+        self._opening_usage: dict[str, Any] | None = None  # Anthropic message_start's
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Take one upstream chunk; return the bytes to send on (possibly empty)."""
-        if self.first_content_at is None and _CONTENT.search(chunk):
-            self.first_content_at = now
+        if self.first_content_at is None:
+            if self._opening_usage is None and _MESSAGE_START in chunk:
+                self._opening_usage = _last_usage(chunk, _MESSAGE_START)
+            if _CONTENT.search(chunk):
+                self.first_content_at = now
         self._tail.append(chunk)
         if self._strip_usage:
             return self._strip(chunk)
@@ -92,18 +98,12 @@ class StreamObserver:
         return held
 
     def usage(self) -> dict[str, Any] | None:
-        """The last `usage` object in the stream, if any."""
-        tail = b"".join(self._tail)
-        at = tail.rfind(b'"usage":{')
-        if at < 0:
-            return None
-        start = tail.rfind(b"data:", 0, at)
-        end = tail.find(b"\n", at)
-        try:
-            event = orjson.loads(tail[start + 5 : end if end >= 0 else len(tail)])
-        except orjson.JSONDecodeError:
-            return None
-        return _find_usage(event)
+        """The stream's usage: the last `usage` object in it, over what Anthropic's
+        `message_start` said (its `message_delta` carries the output count only)."""
+        final = _last_usage(b"".join(self._tail))
+        if self._opening_usage is None:
+            return final
+        return {**self._opening_usage, **{k: v for k, v in (final or {}).items() if v}}
 
     def _strip(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
@@ -163,6 +163,22 @@ def _move_timings(source: bytes, target: bytes) -> bytes:
 
 def _is_usage_only(event: bytes) -> bool:
     return b'"usage"' in event and _USAGE_ONLY_EVENT.search(event) is not None
+
+
+def _last_usage(data: bytes, marker: bytes = b"") -> dict[str, Any] | None:
+    """The usage of the last `data:` line of `data` that has one (and `marker`). Lines, not
+    byte offsets: a JSON string cannot hold a raw line break, so a line that starts with
+    `data:` is the start of an event's data even if generated text says "data:" too; a
+    partial line cut by a read fails to parse and is passed over."""
+    for line in reversed(data.splitlines()):
+        if line.startswith(b"data:") and marker in line and _USAGE_KEY.search(line):
+            try:
+                found = _find_usage(orjson.loads(line[5:]))
+            except orjson.JSONDecodeError:
+                continue
+            if found is not None:
+                return found
+    return None
 
 
 def _find_usage(event: Any) -> dict[str, Any] | None:

@@ -1,7 +1,9 @@
 """A small OpenAI-compatible server for the gateway's integration tests.
 
-Run as `python -m tests.upstream_server --port N [...]`. It streams like llama.cpp/vLLM
-(role chunk, content chunks, optional usage chunk with empty choices, [DONE]), keeps
+Run as `python -m tests.upstream_server --port N [...]`. It answers each generation API in
+the shape vLLM gives it (tests/api_shapes.py: chat and completions chunks with the optional
+usage chunk and [DONE]; Responses and Anthropic Messages events; embeddings and
+count_tokens bodies), keeps
 counts of what it saw under GET /_stats, and takes faults through POST /_control.
 """
 
@@ -16,6 +18,8 @@ from typing import Any
 
 import orjson
 import uvicorn
+
+from tests.api_shapes import Shape
 
 
 class Upstream:
@@ -37,6 +41,7 @@ class Upstream:
         self.fail_count = 0
         self.die_after_chunks = -1
         self.garbage_count = 0
+        self.piece = "tok{i} "  # each generated token's text; {i} is its index
         self.token_delay_s = args.token_delay_ms / 1000
         self.first_delay_s = args.first_delay_ms / 1000
 
@@ -83,7 +88,7 @@ class Upstream:
             self._control(orjson.loads(body))
             return await _json(send, 200, {"ok": True})
         if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                    "/v1/responses", "/v1/messages"):
+                    "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"):
             await self._generate(scope, receive, send, path, orjson.loads(body))
             return None
         return await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
@@ -93,6 +98,7 @@ class Upstream:
         self.fail_count = control.get("fail_count", self.fail_count)
         self.die_after_chunks = control.get("die_after_chunks", self.die_after_chunks)
         self.garbage_count = control.get("garbage_count", self.garbage_count)
+        self.piece = control.get("piece", self.piece)
         if "token_delay_ms" in control:
             self.token_delay_s = control["token_delay_ms"] / 1000
         if "first_delay_ms" in control:
@@ -126,28 +132,23 @@ class Upstream:
 
     async def _answer(self, receive: Any, send: Any, path: str, req: dict[str, Any]) -> None:
         arrival = time.perf_counter()
-        n = int(req.get("max_tokens") or req.get("max_completion_tokens") or 8)
-        prompt_tokens = len(orjson.dumps(req.get("messages") or req.get("prompt") or "")) // 4
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                 "total_tokens": prompt_tokens + n}
-        chat = path == "/v1/chat/completions"
+        n = int(req.get("max_tokens") or req.get("max_completion_tokens")
+                or req.get("max_output_tokens") or 8)
+        prompt = req.get("messages") or req.get("input") or req.get("prompt") or ""
+        prompt_tokens = len(orjson.dumps(prompt)) // 4
+        shape = Shape(path, req, prompt_tokens, [self.piece.format(i=i) for i in range(n)])
         await asyncio.sleep(self.first_delay_s)
         if path == "/v1/embeddings":
             await _json(send, 200, {"object": "list", "model": req["model"], "data": [
                 {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
             return
+        if path == "/v1/messages/count_tokens":
+            await _json(send, 200, {"input_tokens": prompt_tokens})
+            return
         if not req.get("stream"):
             await asyncio.sleep(self.token_delay_s * n)
-            text = " ".join(f"tok{i}" for i in range(n))
-            choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": "length"} if chat else
-                {"index": 0, "text": text, "finish_reason": "length"})
-            await _json(send, 200, {"id": "cmpl-1", "object": "chat.completion" if chat
-                                    else "text_completion", "model": req["model"],
-                                    "choices": [choice], "usage": usage,
-                                    "served_by": self.args.name})
+            await _json(send, 200, shape.whole(self.args.name))
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
@@ -162,26 +163,22 @@ class Upstream:
         watcher = asyncio.create_task(watch())
         sent: list[float] = []
         try:
+            for event in shape.opening():
+                await _body(send, event)
             for i in range(n):
                 if disconnected.is_set():
                     return
                 if i == self.die_after_chunks:
                     raise ConnectionAbortedError("injected death mid-stream")
-                delta: dict[str, Any] = {"content": f"tok{i} "}
-                if i == 0:
-                    delta["role"] = "assistant"
-                choice = ({"index": 0, "delta": delta, "finish_reason": None} if chat
-                          else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
-                await _event(send, {"id": "c1", "model": req["model"], "choices": [choice]})
+                await _body(send, shape.token(i))
                 sent.append(time.perf_counter())
                 self.events_sent += 1
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
-            options = req.get("stream_options") or {}
-            if options.get("include_usage"):
-                await _event(send, {"id": "c1", "model": req["model"], "choices": [],
-                                    "usage": usage})
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            closing = shape.closing()
+            for event in closing[:-1]:
+                await _body(send, event)
+            await send({"type": "http.response.body", "body": closing[-1]})
             if sent:
                 self._record(arrival, sent)
         finally:
@@ -198,9 +195,8 @@ class Upstream:
         del self.timings[:-1000]
 
 
-async def _event(send: Any, data: dict[str, Any]) -> None:
-    await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(data) + b"\n\n",
-                "more_body": True})
+async def _body(send: Any, data: bytes) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
 async def _send(send: Any, status: int, body: bytes, ctype: bytes,

@@ -1,0 +1,129 @@
+"""The event sequences and bodies of each generation API, as vLLM 0.32 sends them
+(reference/vllm-cpu.md lists the event names), for the test upstream.
+
+A stream is an opening (events before the first token), one event per token, and a closing;
+`Shape.events` gives the SSE bytes of each part. Chat and completions end with the optional
+usage chunk and `data: [DONE]`; Responses and Messages name their events (`event:` lines)
+and carry usage in their last events: Responses in `response.completed` (with the whole
+output text beside it), Messages in `message_start` (input) and `message_delta` (output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+def sse(data: dict[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class Shape:
+    """One API's stream and whole reply for a request of `prompt` tokens and `pieces`."""
+
+    def __init__(self, path: str, req: dict[str, Any], prompt: int, pieces: list[str]) -> None:
+        self.path, self.req, self.prompt, self.pieces = path, req, prompt, pieces
+        self.model = req["model"]
+        self.n = len(pieces)
+
+    # ---- streams ------------------------------------------------------------------------
+
+    def opening(self) -> list[bytes]:
+        if self.path == "/v1/responses":
+            shell = self._response("in_progress", with_output=False)
+            item = {"id": "msg_1", "type": "message", "role": "assistant", "status":
+                    "in_progress", "content": []}
+            return [sse({"type": "response.created", "response": shell}, "response.created"),
+                    sse({"type": "response.in_progress", "response": shell},
+                        "response.in_progress"),
+                    sse({"type": "response.output_item.added", "output_index": 0,
+                         "item": item}, "response.output_item.added"),
+                    sse({"type": "response.content_part.added", "item_id": "msg_1",
+                         "output_index": 0, "content_index": 0,
+                         "part": {"type": "output_text", "text": "", "annotations": []}},
+                        "response.content_part.added")]
+        if self.path == "/v1/messages":
+            message = {"id": "msg_1", "type": "message", "role": "assistant", "model":
+                       self.model, "content": [], "stop_reason": None, "stop_sequence": None,
+                       "usage": {"input_tokens": self.prompt, "output_tokens": 0}}
+            return [sse({"type": "message_start", "message": message}, "message_start"),
+                    sse({"type": "content_block_start", "index": 0,
+                         "content_block": {"type": "text", "text": ""}},
+                        "content_block_start")]
+        return []
+
+    def token(self, i: int) -> bytes:
+        piece = self.pieces[i]
+        if self.path == "/v1/responses":
+            return sse({"type": "response.output_text.delta", "item_id": "msg_1",
+                        "output_index": 0, "content_index": 0, "delta": piece},
+                       "response.output_text.delta")
+        if self.path == "/v1/messages":
+            return sse({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": piece}}, "content_block_delta")
+        if self.path == "/v1/chat/completions":
+            delta: dict[str, Any] = {"content": piece}
+            if i == 0:
+                delta["role"] = "assistant"
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+        else:
+            choice = {"index": 0, "text": piece, "finish_reason": None}
+        return sse({"id": "c1", "model": self.model, "choices": [choice]})
+
+    def closing(self) -> list[bytes]:
+        if self.path == "/v1/responses":
+            text = "".join(self.pieces)
+            return [sse({"type": "response.output_text.done", "item_id": "msg_1",
+                         "output_index": 0, "content_index": 0, "text": text},
+                        "response.output_text.done"),
+                    sse({"type": "response.completed",
+                         "response": self._response("completed")}, "response.completed")]
+        if self.path == "/v1/messages":
+            return [sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+                    sse({"type": "message_delta", "delta": {"stop_reason": "max_tokens",
+                                                            "stop_sequence": None},
+                         "usage": {"output_tokens": self.n}}, "message_delta"),
+                    sse({"type": "message_stop"}, "message_stop")]
+        out = []
+        if (self.req.get("stream_options") or {}).get("include_usage"):
+            out.append(sse({"id": "c1", "model": self.model, "choices": [],
+                            "usage": self._openai_usage()}))
+        return [*out, b"data: [DONE]\n\n"]
+
+    # ---- whole replies ------------------------------------------------------------------
+
+    def whole(self, served_by: str) -> dict[str, Any]:
+        text = "".join(self.pieces).rstrip(" ")
+        if self.path == "/v1/responses":
+            return self._response("completed")
+        if self.path == "/v1/messages":
+            return {"id": "msg_1", "type": "message", "role": "assistant", "model": self.model,
+                    "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": self.prompt, "output_tokens": self.n}}
+        chat = self.path == "/v1/chat/completions"
+        choice: dict[str, Any] = (
+            {"index": 0, "message": {"role": "assistant", "content": text},
+             "finish_reason": "length"} if chat else
+            {"index": 0, "text": text, "finish_reason": "length"})
+        return {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion",
+                "model": self.model, "choices": [choice], "usage": self._openai_usage(),
+                "served_by": served_by}
+
+    def _openai_usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.n,
+                "total_tokens": self.prompt + self.n}
+
+    def _response(self, status: str, with_output: bool = True) -> dict[str, Any]:
+        output = [{"id": "msg_1", "type": "message", "role": "assistant", "status": status,
+                   "content": [{"type": "output_text", "text": "".join(self.pieces),
+                                "annotations": []}]}] if with_output else []
+        usage = ({"input_tokens": self.prompt, "output_tokens": self.n,
+                  "total_tokens": self.prompt + self.n,
+                  "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}}
+                 if status == "completed" else None)
+        return {"id": "resp_1", "object": "response", "created_at": 0, "model": self.model,
+                "status": status, "output": output, "usage": usage}

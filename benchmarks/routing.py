@@ -358,7 +358,7 @@ def main() -> None:
                 for policy in args.policies.split(","):
                     results[policy] = cold_sweep(
                         policy, levels, args.per_c, args.speed,
-                        lambda p=policy: fleet.proxy(backends, p))
+                        lambda p=policy, b=backends: fleet.proxy(b, p))
                 print_cold(title, results, [llama_profile, vllm_profile], levels)
                 report["pools"][title] = results
                 continue

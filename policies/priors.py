@@ -28,6 +28,7 @@ backend has been measured, and model.explore_limit bounds how far it is trusted.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 Shape = tuple[tuple[int, float], ...]
 
@@ -45,7 +46,7 @@ def relative(shape: Sequence[tuple[int, float]], n: float) -> float:
     """g(n): aggregate throughput at n streams over that of one stream."""
     if n <= shape[0][0]:
         return shape[0][1] * n / shape[0][0]
-    for (n0, g0), (n1, g1) in zip(shape, shape[1:], strict=False):
+    for (n0, g0), (n1, g1) in pairwise(shape):
         if n <= n1:
             return g0 + (g1 - g0) * (n - n0) / (n1 - n0)
     return shape[-1][1]

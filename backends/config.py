@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from enum import StrEnum
 from typing import Annotated
 
@@ -28,6 +29,8 @@ class BackendConfig(BaseModel):
     served_model: str = ""
     max_concurrency: Annotated[int, Field(ge=0)] = 0
     api_key_env: str = ""
+    tls_ca_file: str = ""  # PEM bundle that signs an https backend's certificate
+    tls_verify: bool = True
 
     @field_validator("url")
     @classmethod
@@ -35,6 +38,16 @@ class BackendConfig(BaseModel):
         if url.path not in (None, "", "/"):
             raise ValueError("give the server's base URL without a path (sluiceway adds /v1/...)")
         return url
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _readable_ca(cls, path: str) -> str:
+        if path:
+            try:
+                ssl.create_default_context(cafile=path)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load CA certificates from {path!r}: {exc}") from None
+        return path
 
     @property
     def base_url(self) -> str:

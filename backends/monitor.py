@@ -104,7 +104,8 @@ class Monitor:
 
     def _get(self, state: BackendState, path: str) -> Any:
         headers = {"Authorization": f"Bearer {state.upstream_key}"} if state.upstream_key else {}
-        return self._session.get(state.config.base_url + path, headers=headers)
+        return self._session.get(state.config.base_url + path, headers=headers,
+                                 ssl=state.tls or True)
 
     async def _json(self, state: BackendState, path: str) -> Any:
         async with self._get(state, path) as resp:

@@ -16,6 +16,7 @@ from backends.kinds import ADAPTERS
 from backends.snapshot import Health, PoolSnapshot
 from backends.state import BackendState, Discovered
 from backends.stats import RequestResult
+from backends.tls import client_context
 
 Listener = Callable[[], None]
 
@@ -26,7 +27,8 @@ class Pool:
         for index, config in enumerate(configs):
             key = os.environ.get(config.api_key_env) if config.api_key_env else None
             self._states[config.name] = BackendState(
-                config=config, adapter=ADAPTERS[config.kind], index=index, upstream_key=key
+                config=config, adapter=ADAPTERS[config.kind], index=index, upstream_key=key,
+                tls=client_context(config),
             )
         self._snapshot: PoolSnapshot | None = None
         self._listeners: list[Listener] = []

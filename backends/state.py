@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from time import perf_counter
 
@@ -29,6 +30,7 @@ class BackendState:
     adapter: Adapter
     index: int
     upstream_key: str | None = None
+    tls: ssl.SSLContext | None = None  # https backends: see backends/tls.py
     health: Health = Health.UNKNOWN
     health_detail: str = ""
     in_flight: int = 0

@@ -31,7 +31,7 @@ class Gateway:
             self.pool, self.policy, routing.queue_size, routing.queue_timeout_s
         )
         self.metrics = Metrics(self.pool, lambda: self.admission.depth)
-        self._data = make_client(settings.timeouts)
+        self._data = make_client(settings.timeouts, self.pool)
         self._control = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=settings.health.timeout_s)
         )

@@ -420,12 +420,14 @@ class _Connection(asyncio.Protocol):
 class H1Client:
     """Keep-alive HTTP/1.1 connections to upstreams, pooled per origin."""
 
-    def __init__(self, connect_timeout_s: float, keepalive_s: float = 60.0) -> None:
+    def __init__(self, connect_timeout_s: float, keepalive_s: float = 60.0,
+                 tls: Mapping[tuple[str, str, int], ssl.SSLContext] | None = None) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._busy: set[_Connection] = set()
-        self._tls: ssl.SSLContext | None = None
+        self._tls_by_origin = dict(tls or {})  # per-backend trust (backends/tls.py)
+        self._tls: ssl.SSLContext | None = None  # the system's, for any other origin
 
     async def request(self, target: Target, body: bytes,
                       headers: Mapping[str, str]) -> Response:
@@ -503,9 +505,11 @@ class H1Client:
         loop = asyncio.get_running_loop()
         tls = None
         if target.scheme == "https":
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
-            tls = self._tls
+            tls = self._tls_by_origin.get(target.origin)
+            if tls is None:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                tls = self._tls
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(

@@ -11,10 +11,11 @@ the first body bytes (headers and prefill); `idle_s` between two body reads afte
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import orjson
 
+from backends.state import BackendState
 from proxy.errors import ProxyError, upstream_failed, upstream_overloaded, upstream_timeout
 from proxy.h1 import (
     BadHeader,
@@ -30,10 +31,12 @@ from proxy.h1 import (
 from proxy.settings import TimeoutSettings
 
 
-def make_client(timeouts: TimeoutSettings) -> H1Client:
+def make_client(timeouts: TimeoutSettings, pool: Iterable[BackendState] = ()) -> H1Client:
     """The data-plane client. Per-backend concurrency is bounded by admission, so the pool
-    itself is unbounded; idle connections are kept for reuse."""
-    return H1Client(connect_timeout_s=timeouts.connect_s, keepalive_s=60.0)
+    itself is unbounded; idle connections are kept for reuse. https backends get their own
+    trust settings (backends/tls.py)."""
+    tls = {parse_url(s.config.base_url).origin: s.tls for s in pool if s.tls is not None}
+    return H1Client(connect_timeout_s=timeouts.connect_s, keepalive_s=60.0, tls=tls)
 
 
 class UpstreamResponse:

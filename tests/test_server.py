@@ -335,3 +335,38 @@ def test_shutdown_lets_requests_in_progress_finish_and_refuses_new_ones() -> Non
             await connect(port)
 
     run(main())
+
+
+def test_reading_pauses_past_max_pipelined_and_resumes() -> None:
+    """A client that pipelines faster than its requests are served is not read without
+    bound: past MAX_PIPELINED waiting requests the socket is left unread (the kernel's
+    buffers push back on the client), and reading resumes as the queue drains."""
+    from proxy.server import MAX_PIPELINED
+
+    gate = asyncio.Event()
+
+    async def gated(request: Request, reply: Reply) -> None:
+        await gate.wait()
+        await echo(request, reply)
+
+    async def main() -> None:
+        server, port = await start(gated)
+        reader, writer = await connect(port)
+        total = MAX_PIPELINED * 3
+        for i in range(total):  # one segment each, so the server reads them one by one
+            writer.write(post(b"/p", b"%d" % i))
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.1)
+        (conn,) = server.connections
+        assert conn._read_paused
+        assert len(conn._queue) <= MAX_PIPELINED + 1  # the rest is still in the socket
+        gate.set()
+        bodies = [orjson.loads((await read_response(reader))[2])["body"]
+                  for _ in range(total)]
+        assert bodies == [str(i) for i in range(total)]
+        assert not conn._read_paused
+        writer.close()
+        await server.shutdown(1)
+
+    run(main())

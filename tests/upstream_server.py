@@ -220,8 +220,11 @@ def main() -> None:
     parser.add_argument("--token-delay-ms", type=float, default=0)
     parser.add_argument("--first-delay-ms", type=float, default=0)
     parser.add_argument("--loading-s", type=float, default=0)
+    parser.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile")
     args = parser.parse_args()
     uvicorn.run(Upstream(args), host="127.0.0.1", port=args.port, log_level="warning",
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 lifespan="on")
 
 

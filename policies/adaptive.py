@@ -34,11 +34,14 @@ Pick: lowest cost; ties by in_flight / capacity, then config order. Exploration:
 backend with no completed request yet is chosen first (config order), so every backend is
 measured before the model judges it (except for a returning session whose backend has
 room: its cached prefix is worth more than the probe); and a measured backend is not
-loaded past twice the concurrency it has been measured at (model.explore_limit) while
-another backend is within its own limit, so one optimistic extrapolation cannot flood a
-slow backend before answers from there come back. A backend not measured at all is judged
-by its engine kind's shape (policies/priors.py) and has no such limit: a limit of one
-request there pushed a cold proxy's first burst onto whichever backend had been measured.
+loaded past what its curve can be trusted to predict (model.explore_limit: as far as its
+kind's shape keeps each stream at half the speed measured at its highest load) while
+another *measured* backend is within its own limit, so one optimistic extrapolation
+cannot flood a slow backend before answers from there come back. A backend not measured
+at all is judged by its engine kind's shape (policies/priors.py) alone: it has no limit,
+and it is never where the rule sends traffic (a limit of one request there pushed a cold
+proxy's first burst onto whichever backend had been measured; with no limit but counted
+as "within", it drew everything a measured backend could not take).
 
 Session affinity (bounded preference): a request with an affinity key (x-session-id or
 session_id header, prompt_cache_key or user field, else a hash of its first messages)
@@ -81,10 +84,10 @@ class Adaptive:
         if idle_unmeasured and not returning:  # measure every backend before judging it,
             # one probe at a time; a returning session's cache is worth more than a probe
             return self._route(request, min(idle_unmeasured, key=lambda b: b.index))
-        # keep each backend within twice the load it has been measured at, while another
-        # backend can take the request (capacity is never exceeded either way)
-        within = tuple(b for b in found if b.in_flight < model.explore_limit(b))
-        found = within or found
+        # keep each measured backend within what its curve can be trusted to predict, while
+        # another measured backend can take the request (capacity is never exceeded)
+        if any(b.throughput_curve and b.in_flight < model.explore_limit(b) for b in found):
+            found = tuple(b for b in found if b.in_flight < model.explore_limit(b))
         prior_rate = model.prior_stream_tok_s(snapshot.backends)
         prior_ttft = model.prior_ttft_s(snapshot.backends)
         costs = {b.name: cost(b, request, prior_rate, prior_ttft) for b in found}

@@ -12,12 +12,15 @@
   it as requests finish. The learned points are read as a non-decreasing curve (a running
   maximum): a noisy low sample taken during a burst of prefills must not make a backend
   look as if more load would lower its throughput.
-- `explore_limit(b)`: how far past its highest learned concurrency a backend may be
-  loaded before a sample from there comes back: twice that concurrency, at least two more.
-  None for a backend not measured at all: its kind's shape is all there is to go on, and
-  a limit there forced the traffic of a cold burst onto the one backend that happened to
-  be measured (a fresh proxy whose warm-up request had gone to llama.cpp put 3 of the
-  next 8 streams there, 0.85x vLLM alone over the whole run; the idle-probe rule of
+- `explore_limit(b)`: how far past its highest learned concurrency h a backend may be
+  loaded before a sample from there comes back: as far as its kind's shape predicts each
+  stream still runs at least half as fast as at h (priors.trusted_up_to), at least h + 2.
+  A fixed 2h (the earlier rule) held a vLLM measured at one stream to 3 streams and
+  forced the rest of a step from 1 to 8 concurrent onto llama.cpp (3 of 8 streams; the
+  demo's pool fell to 0.85x vLLM alone at 8); by the shape it may take 16, while a
+  llama.cpp measured at one stream may take 3. None for a backend not measured at all:
+  its kind's shape is all there is to go on, and a limit there forced the traffic of a
+  cold burst onto the one backend that happened to be measured (the idle-probe rule of
   adaptive and the shape already keep an unmeasured backend from being flooded blindly).
 - `ttft_s(b, n)`: linear between learned points, flat outside them; `prior_ttft_s` when
   nothing is known.
@@ -70,8 +73,7 @@ def monotone(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
 def explore_limit(b: BackendSnapshot) -> float:
     if not b.throughput_curve:
         return math.inf
-    highest = b.throughput_curve[-1][0]
-    return max(2 * highest, highest + 2)
+    return priors.trusted_up_to(priors.shape_of(b.kind), b.throughput_curve[-1][0])
 
 
 def ttft_s(b: BackendSnapshot, n: float, prior_ttft_s: float) -> float:

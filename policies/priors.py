@@ -28,6 +28,7 @@ backend has been measured, and model.explore_limit bounds how far it is trusted.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import pairwise
 
 Shape = tuple[tuple[int, float], ...]
@@ -50,3 +51,24 @@ def relative(shape: Sequence[tuple[int, float]], n: float) -> float:
         if n <= n1:
             return g0 + (g1 - g0) * (n - n0) / (n1 - n0)
     return shape[-1][1]
+
+
+TRUST = 0.5  # how much slower per stream than measured a shape is trusted to predict
+
+
+@lru_cache(maxsize=4096)
+def trusted_up_to(shape: Shape, highest: int) -> int:
+    """How far past `highest` (the highest concurrency a backend has been measured at) its
+    curve may be extrapolated along `shape` before a sample from there is needed: the
+    largest n at which the shape predicts each stream still runs at least TRUST times as
+    fast as at `highest`, and at least two more than `highest`. For a batching engine
+    measured at 1 that is 16 streams, at 8 about 64; for llama.cpp measured at 1, 3."""
+    floor = TRUST * relative(shape, highest) / highest
+    low, high = highest, 1 << 20
+    while low < high:  # g(n) / n does not increase with n: bisect for the last n above
+        mid = (low + high + 1) // 2
+        if relative(shape, mid) / mid >= floor:
+            low = mid
+        else:
+            high = mid - 1
+    return max(low, highest + 2)

@@ -198,6 +198,42 @@ def test_adaptive_cold_burst_follows_the_engine_kinds(total: int, on_llama: int)
     assert load == {"llama": on_llama, "vllm": total - on_llama}
 
 
+@pytest.mark.parametrize(("total", "on_llama"), [(8, 1), (32, 3)])
+def test_adaptive_step_up_from_one_stream(total: int, on_llama: int) -> None:
+    """Both backends measured at one stream only (a sweep that starts at c=1), then a step
+    to 8: vLLM is explored along its kind's shape (16 streams from one measured), not held
+    at twice what it was seen at (that gave llama.cpp 3 of 8 streams: 0.85x vLLM alone in
+    the demo). A step straight to 32 is past what one sample can vouch for: llama.cpp
+    takes 3 streams until vLLM's answers from 16 come back."""
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    load = fill(policy, {"vllm": ("vllm", {1: 122}, 1024),
+                         "llama": ("llamacpp", {1: 124}, 102)}, total)
+    assert load == {"llama": on_llama, "vllm": total - on_llama}
+
+
+@pytest.mark.parametrize("warm", ["vllm", "llama"])
+def test_adaptive_cold_burst_whichever_backend_the_warm_up_measured(warm: str) -> None:
+    """A fresh proxy whose one finished request went to either backend, then a burst of
+    32: one stream on llama.cpp. (With vLLM measured and llama.cpp not, counting the
+    unmeasured llama.cpp as within its limit once sent it every stream past vLLM's 16.)"""
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    load = fill(policy, {"vllm": ("vllm", {1: 122} if warm == "vllm" else {}, 1024),
+                         "llama": ("llamacpp", {1: 124} if warm == "llama" else {}, 102)},
+                32)
+    assert load == {"llama": 1, "vllm": 31}
+
+
+def test_exploration_is_trusted_as_far_as_the_shape_keeps_half_the_speed() -> None:
+    from policies import priors
+
+    assert priors.trusted_up_to(priors.BATCHING, 1) == 16
+    assert priors.trusted_up_to(priors.LLAMACPP, 1) == 3
+    assert priors.trusted_up_to(priors.LLAMACPP, 32) == 64  # flat: half speed at 2x
+    for shape in priors.SHAPES.values():
+        for highest in (1, 3, 8, 100, 1000):
+            assert priors.trusted_up_to(shape, highest) >= highest + 2
+
+
 def test_adaptive_cold_pool_of_one_kind_is_balanced() -> None:
     """Two llama.cpp never measured: the same shape, so neither is preferred past the
     other's load (the probe goes first, in config order)."""

@@ -2,25 +2,25 @@
 users measure it (a freshly started proxy, every request counted, whole-run output tok/s as
 `vllm bench serve` reports it), on emulated llama.cpp and vLLM.
 
-Which member is best changes with the load and the pool: vLLM with AITER kernels wins
-everywhere (121 against 114 tok/s for one stream), stock FP8 vLLM loses a lone stream to
-llama.cpp (104 against 114) and wins from 8 up. So a policy that always picks vLLM fails
-here, as does one that balances load.
+The pool here is llama.cpp Q4_K_M with stock FP8 vLLM, where the best member changes with
+the load: vLLM loses a lone stream to llama.cpp (104 against 114 tok/s) and wins from 8
+up, so a policy that always picks vLLM fails here, as does one that balances load. (The
+other MI300X pool, with AITER kernels, is held to the same margin by
+tests/test_bench.py::test_demo_quick_end_to_end, through `sluiceway demo --quick`.)
 
 Tolerance (MARGIN): a fresh proxy pays for what it does not know yet: one request on the
-backend it has not measured (a probe: 1 of 8 requests at c=1 is 1% of the run on the
-slower member), and a whole run through the proxy carries its overhead. Five runs of these
-levels on an idle 2-core machine and three with two busy-loop processes beside them put
-the pool at 0.99-1.02x its best member after the kind shapes of policies/priors.py; the
-code before them gave 0.85x at c=8 (llama.cpp took 3 of the first 8 streams). 0.95 sits
-between the two with room for the noise.
+backend it has not measured (a probe: 1 of 16 requests at c=1 on vLLM, 9% slower alone,
+costs 0.6% of the run), and a whole run through the proxy carries its overhead. Runs on
+an idle 2-core machine and with two busy-loop processes beside them put the pool at
+0.99x its best member at c=1, 1.01x at 8 and 0.99-1.02x at 32. The code before the kind
+shapes of policies/priors.py gave 0.945x here at c=8 (llama.cpp took 3 of the first 8
+streams; 0.85x on the AITER pool). 0.97 sits between the two.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -30,10 +30,10 @@ from loadgen.workload import Workload
 from tests.conftest import Launcher, backend
 from tests.processes import Server
 
-SPEED = 2  # the emulators, proxy and client together stay well inside two cores here
-MARGIN = 0.95
+SPEED = 4  # the emulators, proxy and client together stay well inside two cores here
+MARGIN = 0.97
 WORK = Workload("chat", "m", input_len=512, output_len=128)
-REQUESTS = {1: 8, 8: 24, 32: 64}
+REQUESTS = {1: 16, 8: 24, 32: 64}
 
 
 def whole_run(url: str, concurrency: int) -> dict:  # type: ignore[type-arg]
@@ -55,20 +55,18 @@ class Pool:
             backend("vllm", self.vllm, kind="vllm", models=["m"], max_concurrency=1024)])
 
 
-@pytest.fixture(scope="module", params=["vllm-fp8-aiter", "vllm-fp8"])
-def emulated_pool(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+@pytest.fixture(scope="module")
+def emulated_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     launch = Launcher(tmp_path_factory.mktemp("promise"))
     try:
-        yield Pool(launch, request.param)
+        yield Pool(launch, "vllm-fp8")
     finally:
         launch.stop_all()
 
 
 @pytest.mark.parametrize("concurrency", [1, 8, 32])
 def test_pool_is_at_least_as_good_as_its_best_member(emulated_pool: Pool,
-                                                     concurrency: int,
-                                                     tmp_path: Path) -> None:
+                                                     concurrency: int) -> None:
     llama = whole_run(emulated_pool.llama.url, concurrency)
     vllm = whole_run(emulated_pool.vllm.url, concurrency)
     proxy = emulated_pool.fresh_proxy()
@@ -81,5 +79,6 @@ def test_pool_is_at_least_as_good_as_its_best_member(emulated_pool: Pool,
     best = max(llama["output_throughput"], vllm["output_throughput"])
     ratio = pool["output_throughput"] / best
     shares = {name: b["share"] for name, b in pool["backends"].items()}
+    print(f"c={concurrency}: pool {ratio:.3f}x its best member, shares {shares}")
     assert ratio >= MARGIN, (ratio, llama["output_throughput"], vllm["output_throughput"],
                              shares)

@@ -195,31 +195,8 @@ def cold_sweep(label: str, levels: list[int], per_c: int, speed: float,
             if proc is not None:
                 proc.terminate()
                 proc.wait(10)
-        print(f"  {label:<28} c={c:<4} {out[c]['tok_s']:>7,.0f} tok/s "
-              f"(first 10 s {out[c]['first_tok_s']:>7,.0f})  failed {out[c]['failed']}  "
-              f"TTFT {out[c]['mean_ttft_s']:.2f} s (p99 {out[c]['p99_ttft_s']:.2f})  "
-              f"llama {out[c]['llama_share']:.0%}", file=sys.stderr, flush=True)
+        progress(label, c, out[c])
     return out
-
-
-def print_cold(title: str, results: dict[str, dict[int, dict[str, Any]]],
-               singles: list[str], levels: list[int]) -> None:
-    print(f"\n## {title} (cold: a fresh proxy per level, whole runs)\n")
-    header = (f"{'target':<20} {'conc':>5} {'out tok/s':>10} {'first 10 s':>11} "
-              f"{'failed':>7} {'TTFT mean':>10} {'TTFT p99':>9} {'llama share':>12} "
-              f"{'vs best':>8} {'first 10 s':>11}")
-    print(header)
-    print("-" * len(header))
-    for target, per_level in results.items():
-        for c in levels:
-            m = per_level[c]
-            best = max(results[s][c]["tok_s"] for s in singles)
-            best_head = max(results[s][c]["first_tok_s"] for s in singles)
-            ratio = "" if target in singles else f"{m['tok_s'] / best:.2f}x"
-            head = "" if target in singles else f"{m['first_tok_s'] / best_head:.2f}x"
-            print(f"{target:<20} {c:>5} {m['tok_s']:>10,.0f} {m['first_tok_s']:>11,.0f} "
-                  f"{m['failed']:>7} {m['mean_ttft_s']:>9.2f}s {m['p99_ttft_s']:>8.2f}s "
-                  f"{m['llama_share']:>11.0%} {ratio:>8} {head:>11}")
 
 
 def run_level(url: str, concurrency: int, expected_tok_s: float, speed: float) -> dict[str, Any]:
@@ -239,27 +216,42 @@ def sweep(url: str, levels: list[int], expect: dict[int, float], speed: float,
     out = {}
     for c in levels:
         out[c] = run_level(url, c, expect[c], speed)
-        print(f"  {label:<28} c={c:<4} {out[c]['tok_s']:>7,.0f} tok/s  "
-              f"failed {out[c]['failed']}  TTFT {out[c]['mean_ttft_s']:.2f} s "
-              f"(p99 {out[c]['p99_ttft_s']:.2f})", file=sys.stderr, flush=True)
+        progress(label, c, out[c])
     return out
 
 
 def print_pool(title: str, results: dict[str, dict[int, dict[str, Any]]],
-               singles: list[str], levels: list[int]) -> None:
-    print(f"\n## {title}\n")
-    header = (f"{'target':<20} {'conc':>5} {'out tok/s':>10} {'failed':>7} "
-              f"{'TTFT mean':>10} {'TTFT p99':>9} {'llama share':>12} {'vs best single':>15}")
+               singles: list[str], levels: list[int], cold: bool = False) -> None:
+    """One table per pool; a cold run adds the output rate of each level's first 10 s and
+    its ratio to the best single backend's."""
+    print(f"\n## {title}{' (cold: a fresh proxy per level, whole runs)' if cold else ''}\n")
+    header = (f"{'target':<20} {'conc':>5} {'out tok/s':>10} "
+              + (f"{'first 10 s':>11} " if cold else "")
+              + f"{'failed':>7} {'TTFT mean':>10} {'TTFT p99':>9} {'llama share':>12} "
+              f"{'vs best single':>15}" + (f" {'first 10 s':>11}" if cold else ""))
     print(header)
     print("-" * len(header))
     for target, per_level in results.items():
         for c in levels:
             m = per_level[c]
+            pool = target not in singles
             best = max(results[s][c]["tok_s"] for s in singles)
-            ratio = "" if target in singles else f"{m['tok_s'] / best:.2f}x"
-            print(f"{target:<20} {c:>5} {m['tok_s']:>10,.0f} {m['failed']:>7} "
-                  f"{m['mean_ttft_s']:>9.2f}s {m['p99_ttft_s']:>8.2f}s "
-                  f"{m['llama_share']:>11.0%} {ratio:>15}")
+            ratio = f"{m['tok_s'] / best:.2f}x" if pool else ""
+            head = ""
+            if cold:
+                best_head = max(results[s][c]["first_tok_s"] for s in singles)
+                head = f"{m['first_tok_s'] / best_head:.2f}x" if pool else ""
+            print(f"{target:<20} {c:>5} {m['tok_s']:>10,.0f} "
+                  + (f"{m['first_tok_s']:>11,.0f} " if cold else "")
+                  + f"{m['failed']:>7} {m['mean_ttft_s']:>9.2f}s {m['p99_ttft_s']:>8.2f}s "
+                  f"{m['llama_share']:>11.0%} {ratio:>15}" + (f" {head:>11}" if cold else ""))
+
+
+def progress(label: str, c: int, m: dict[str, Any]) -> None:
+    first = f" (first 10 s {m['first_tok_s']:>7,.0f})" if "first_tok_s" in m else ""
+    print(f"  {label:<28} c={c:<4} {m['tok_s']:>7,.0f} tok/s{first}  failed {m['failed']}  "
+          f"TTFT {m['mean_ttft_s']:.2f} s (p99 {m['p99_ttft_s']:.2f})  "
+          f"llama {m['llama_share']:.0%}", file=sys.stderr, flush=True)
 
 
 AGENTS = (
@@ -359,7 +351,7 @@ def main() -> None:
                     results[policy] = cold_sweep(
                         policy, levels, args.per_c, args.speed,
                         lambda p=policy, b=backends: fleet.proxy(b, p))
-                print_cold(title, results, [llama_profile, vllm_profile], levels)
+                print_pool(title, results, [llama_profile, vllm_profile], levels, cold=True)
                 report["pools"][title] = results
                 continue
             results = {

@@ -1,7 +1,8 @@
 """Routing quality: each backend alone and the pool under every policy, side by side.
 
     python benchmarks/routing.py [--speed 4] [--levels 1,8,32,64,128] [--pools all]
-                                 [--skip-agent | --only-agent] [--real-llama] [--json PATH]
+                                 [--cold [--per-c 3]] [--skip-agent | --only-agent]
+                                 [--real-llama] [--json PATH]
 
 For each emulated pool (llama.cpp Q4_K_M + vLLM FP8 with AITER, and llama.cpp + stock vLLM
 FP8) it runs, in one process and one run: the llama.cpp emulator alone, the vLLM emulator
@@ -16,6 +17,12 @@ TTFT statistics cover the requests sent in that window; failures count every req
 Figures are in profile time (the emulators run at --speed; tok/s are divided by it, times
 multiplied). The last column of each pool's table is the pool's ratio to its best single
 backend at that level.
+
+With --cold every level is measured as a user meets a proxy after a deploy: a freshly
+started proxy per level and policy, one uncounted warm-up request, then
+max(16, PER_C x concurrency) requests, all counted; output tok/s over the whole run (first
+dispatch to last token, as `vllm bench serve` reports it) and over its first 10 s of
+profile time, each as a ratio to the best single backend measured the same way.
 
 The agent workload (8 conversations x 8 turns, a 2,000-token shared system prompt, then
 1,200 tokens of new context and a 64-token reply per turn, as a coding agent adding files

@@ -429,12 +429,13 @@ class H1Client:
         self._tls_by_origin = dict(tls or {})  # per-backend trust (backends/tls.py)
         self._tls: ssl.SSLContext | None = None  # the system's, for any other origin
 
-    async def request(self, target: Target, body: bytes,
-                      headers: Mapping[str, str]) -> Response:
+    async def request(self, target: Target, body: bytes, headers: Mapping[str, str],
+                      fresh: bool = False) -> Response:
         """POST `body` to `target` and wait for the response's status, headers and first
-        body bytes (or the end of an empty body). Raises WireError."""
+        body bytes (or the end of an empty body). `fresh`: on a new connection, not a
+        pooled one. Raises WireError."""
         head = _request_head(target, headers, len(body))
-        conn = self._take_idle(target.origin)
+        conn = None if fresh else self._take_idle(target.origin)
         if conn is None:
             conn = await self._connect(target)
         try:

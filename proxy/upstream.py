@@ -137,7 +137,10 @@ class Upstream:
         for last_try in (False, True):
             try:
                 async with asyncio.timeout_at(deadline):
-                    resp = await self._client.request(target, body, headers)
+                    # the retry of a dropped pooled connection goes out on a new one: the
+                    # other pooled connections to that server are as old, and as likely
+                    # to have been closed with it
+                    resp = await self._client.request(target, body, headers, fresh=last_try)
                 return UpstreamResponse(self._client, resp, backend, deadline,
                                         self._timeouts.idle_s)
             except TimeoutError:
@@ -152,9 +155,10 @@ class Upstream:
 
 def _dropped_connection(exc: WireError) -> bool:
     """An established connection failed before any reply: typically a pooled keep-alive
-    connection the server closed just as the request went out (seen once against
-    llama-server in the real-server tests). Worth one more try on a fresh connection to
-    the same backend; a refused or timed-out connect is not this (the backend is down)."""
+    connection the server closed just as the request went out (seen against llama-server
+    in the real-server tests, once when the retry took a second stale pooled connection).
+    Worth one more try on a new connection to the same backend; a refused or timed-out
+    connect is not this (the backend is down)."""
     return isinstance(exc, Dropped) and exc.before_reply
 
 

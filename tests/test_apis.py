@@ -11,7 +11,7 @@ import anthropic
 import pytest
 
 from tests.conftest import Launcher, backend
-from tests.probes import gauges, sdk
+from tests.probes import gauges, sdk, wait_for
 from tests.processes import Server
 
 PROMPT = [{"role": "user", "content": "count to ten, slowly and carefully, please"}]
@@ -31,7 +31,11 @@ def counted(proxy: Server) -> dict[str, float]:
         "requests_total")}
 
 
-def delta(before: dict[str, float], proxy: Server) -> dict[str, float]:
+def delta(before: dict[str, float], proxy: Server, requests: int = 1) -> dict[str, float]:
+    """What the proxy counted since `before`, once it has finished `requests` more (it
+    counts as the reply ends on its side, a moment after the client has the last bytes;
+    a request's counters all move together)."""
+    wait_for(lambda: counted(proxy)["requests_total"] - before["requests_total"] >= requests)
     after = counted(proxy)
     return {k: after[k] - before[k] for k in after}
 

@@ -285,6 +285,15 @@ def test_a_pooled_connection_dropped_by_the_backend_is_retried_on_a_new_one(
             assert reply.choices[0].message.content == "ok"
         assert server.dropped >= 3  # type: ignore[attr-defined]
         assert metric(proxy.url, 'sluiceway_requests_total{backend="only"') == 4
+        # several pooled connections, all of which the server will drop: the retry must
+        # not take a second stale one from the pool
+        with ThreadPoolExecutor(3) as workers:
+            replies = list(workers.map(lambda _: api.chat.completions.create(
+                model="m", messages=MSG, max_tokens=1), range(3)))
+        assert all(r.choices[0].message.content == "ok" for r in replies)
+        for _ in range(3):
+            reply = api.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+            assert reply.choices[0].message.content == "ok"
     finally:
         server.shutdown()
         server.server_close()

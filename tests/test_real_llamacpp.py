@@ -152,7 +152,10 @@ def test_chat_stream_without_usage_gets_no_injected_usage_chunk(
     assert finish.choices[0].finish_reason == "length"
     assert finish.model_extra and finish.model_extra["timings"]["predicted_n"] == 8
     # and the proxy still counted the tokens the client did not ask to see
-    assert gauges(proxy).get("sluiceway_output_tokens_total", 0) - before == 8
+    # (counted as the stream ends on the proxy's side, a moment after the client has its
+    # last bytes: wait for it rather than race it)
+    wait_for(lambda: gauges(proxy).get("sluiceway_output_tokens_total", 0) - before == 8,
+             timeout_s=5)
 
 
 def test_chat_non_stream(served: tuple[Server, Server]) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from loadgen.local import free_port
 from tests.conftest import Launcher, backend
-from tests.probes import sdk
+from tests.probes import sdk, wait_for
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -102,8 +102,8 @@ def test_overloaded_backends_give_503_with_retry_after(launch: Launcher) -> None
 
 
 def test_no_request_lost_while_a_backend_is_killed_under_load(launch: Launcher) -> None:
-    a = launch.upstream("a", token_delay_ms=20)
-    b = launch.upstream("b", token_delay_ms=20)
+    a = launch.upstream("a", token_delay_ms=50)  # 30 tokens: 1.5 s a request
+    b = launch.upstream("b", token_delay_ms=50)
     proxy = launch.proxy([backend("a", a, models=["m"]), backend("b", b, models=["m"])],
                          routing={"queue_timeout_s": 20})
     api = sdk(proxy.url)
@@ -125,7 +125,12 @@ def test_no_request_lost_while_a_backend_is_killed_under_load(launch: Launcher) 
 
     with ThreadPoolExecutor(48) as workers:
         futures = [workers.submit(one, i) for i in range(48)]
-        time.sleep(0.3)
+        # kill a once all 48 have been dispatched and while it serves some (waited for,
+        # not assumed after a fixed sleep: a soak run once found it idle at 0.3 s); after
+        # that no first try reaches a, so its count of active requests bounds what the
+        # kill can cut
+        wait_for(lambda: a.get("/_stats")["requests"] + b.get("/_stats")["requests"] >= 48,
+                 timeout_s=20)
         active_at_kill = a.get("/_stats")["active"]
         a.kill()
         results = [f.result(timeout=60) for f in futures]

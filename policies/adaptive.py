@@ -86,8 +86,9 @@ class Adaptive:
             return self._route(request, min(idle_unmeasured, key=lambda b: b.index))
         # keep each measured backend within what its curve can be trusted to predict, while
         # another measured backend can take the request (capacity is never exceeded)
-        if any(b.throughput_curve and b.in_flight < model.explore_limit(b) for b in found):
-            found = tuple(b for b in found if b.in_flight < model.explore_limit(b))
+        within = tuple(b for b in found if b.in_flight < model.explore_limit(b))
+        if any(b.throughput_curve for b in within):
+            found = within
         prior_rate = model.prior_stream_tok_s(snapshot.backends)
         prior_ttft = model.prior_ttft_s(snapshot.backends)
         costs = {b.name: cost(b, request, prior_rate, prior_ttft) for b in found}

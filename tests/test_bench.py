@@ -45,7 +45,10 @@ def test_metrics_match_a_server_with_known_timing(launch: Launcher) -> None:
     def mean_ms(key: str) -> float:
         return 1000 * sum(t[key] for t in server) / len(server)
 
-    assert mean_ms("ttft") >= 100 and mean_ms("tpot") >= 10  # the server did as asked
+    # the server did as asked, to within its event loop's timer granularity: uvloop (libuv)
+    # schedules on a clock cached at the start of each loop pass, in whole milliseconds, so
+    # a 100 ms sleep can end up to 1 ms early by perf_counter (CI saw a mean of 99.96 ms)
+    assert mean_ms("ttft") >= 99 and mean_ms("tpot") >= 9
     # A client sees each event after the server sent it, by the loopback's and its own
     # scheduling delay: a few ms at most. TTFT and E2EL carry that delay once per request
     # (one-sided bound); TPOT and ITL are differences, so it cancels out but for jitter.

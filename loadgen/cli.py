@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--workers", type=int, default=1,
                       help="client processes to spread each level over")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--tokenizer", metavar="PATH",
+                      help="tokenizer.json that counts the output of streams without usage "
+                           "(default: one token per content event; either way marked)")
     agent = parser.add_argument_group("agent workload")
     agent.add_argument("--workload", choices=["fixed", "agent"], default="fixed")
     agent.add_argument("--conversations", type=int, default=8)
@@ -125,7 +128,8 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for target in targets:
         model = asyncio.run(_resolve_model(target))
-        workload = Workload(args.endpoint, model, args.input_len, args.output_len)
+        workload = Workload(args.endpoint, model, args.input_len, args.output_len,
+                            tokenizer=args.tokenizer)
         common: dict[str, Any] = dict(warmup=args.warmup, timeout_s=args.timeout_s,
                                       seed=args.seed, show_progress=not args.no_progress)
         levels: list[LevelResult] = []

@@ -1,9 +1,15 @@
 """Sending one streamed request and timing it, without decoding every event.
 
-Each `data:` line is classified by byte patterns: a `choices` array that is not empty
-marks a choices message (TTFT, ITL, E2EL), generated text marks first content, and only
-lines carrying `usage` or `error` are parsed as JSON. That keeps the client cheap enough to
-measure fast servers (see docs/benchmarks.md for its measured ceiling).
+The stream is framed into events as the SSE spec says (`proxy.sse.framing`). Each event is
+classified by byte patterns: a `choices` array that is not empty marks a choices message
+(TTFT, ITL, E2EL), generated text marks a content event, and only events that may carry
+`usage` or `error` are parsed as JSON (an event with a `\\u` escape is parsed too: a key
+may be spelled with escapes). That keeps the client cheap enough to measure fast servers
+(see docs/benchmarks.md for its measured ceiling).
+
+Output tokens come from the server's `usage`. A stream without usage is counted, and
+marked `estimated`: by its text through a tokenizer when one is given, else as one token
+per content event (what llama.cpp and vLLM send). Never a silent default.
 """
 
 from __future__ import annotations
@@ -17,10 +23,85 @@ import aiohttp
 import orjson
 
 from loadgen.record import Failure, RequestRecord
+from loadgen.tokens import TokenCounter
+from proxy.sse import CHAT, Framer, has_escape, might_hold_usage, usage_in
 
-_EMPTY_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')
-_CHOICES = re.compile(rb'"choices":\s*\[')
-_CONTENT = re.compile(rb'"(?:content|text|reasoning_content)":\s*"[^"]')
+_NON_EMPTY_ARRAY = re.compile(rb'\s*:\s*\[\s*[^\]\s]')  # after a key
+
+
+_BACKSLASH = ord("\\")
+
+
+class StreamTally:
+    """What one response stream told about its request, fed read by read."""
+
+    __slots__ = ("_content_events", "_done", "_framer", "_text", "_usage", "counter",
+                 "record")
+
+    def __init__(self, record: RequestRecord, counter: TokenCounter | None = None) -> None:
+        self.record = record
+        self.counter = counter
+        self._framer = Framer()
+        self._done = False
+        self._usage: dict[str, Any] | None = None
+        self._content_events = 0
+        self._text: list[str] | None = [] if (counter or record.text is not None) else None
+
+    def feed(self, raw: bytes, now: float) -> bool:
+        """Take one read; False once an error event ended the stream."""
+        record = self.record
+        if record.first_byte is None:
+            record.first_byte = now
+        for event in self._framer.feed(raw):
+            data = event.data
+            if data is None:
+                continue
+            if data.strip() == b"[DONE]":
+                self._done = True
+                continue
+            if b'"error"' in data and _is_error(data, record):
+                return False
+            escaped = has_escape(data)
+            if might_hold_usage(data, escaped):
+                self._usage = _usage(data) or self._usage
+            if not _has_choices(data, escaped):
+                continue
+            if record.first_choice is None:
+                record.first_choice = now
+            else:
+                record.itl.append(now - record.last_choice)  # type: ignore[operator]
+            record.last_choice = now
+            if CHAT.carries(data, escaped):
+                self._content_events += 1
+                if record.first_content is None:
+                    record.first_content = now
+                if self._text is not None:
+                    self._text.append(_delta_text(data))
+        return True
+
+    def finish(self) -> None:
+        """At the end of the stream: its failure, or its token counts."""
+        record = self.record
+        if record.error is not None:
+            return
+        if record.first_choice is None:
+            record.error = Failure.PAYLOAD
+            record.detail = "Never received a valid chunk to calculate TTFT."
+            return
+        if not self._done:
+            record.error, record.detail = Failure.CUT, "stream ended without [DONE]"
+            return
+        if self._text is not None and record.text is not None:
+            record.text.extend(self._text)
+        usage = self._usage or {}
+        record.prompt_tokens = _int(usage.get("prompt_tokens"))
+        record.output_tokens = _int(usage.get("completion_tokens"))
+        if not record.output_tokens:
+            record.estimated = True
+            if self.counter is not None and self._text is not None:
+                record.output_tokens = self.counter.count("".join(self._text))
+            else:
+                record.output_tokens = self._content_events
 
 
 async def send(
@@ -30,6 +111,7 @@ async def send(
     headers: dict[str, str],
     record: RequestRecord,
     timeout_s: float,
+    counter: TokenCounter | None = None,
 ) -> None:
     """Run one request, filling `record`. Never raises for a failed request."""
     record.t0 = perf_counter()
@@ -42,7 +124,11 @@ async def send(
                     record.error = Failure.HTTP
                     record.detail = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                     return
-                await _read_stream(resp, record)
+                tally = StreamTally(record, counter)
+                async for raw in resp.content.iter_any():
+                    if not tally.feed(raw, perf_counter()):
+                        break
+                tally.finish()
     except TimeoutError:
         first = record.first_choice is None
         record.error = Failure.TIMEOUT_FIRST if first else Failure.TIMEOUT_STREAM
@@ -55,54 +141,24 @@ async def send(
         record.detail = f"{type(exc).__name__}: {exc}"[:200]
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, record: RequestRecord) -> None:
-    done = False
-    usage: dict[str, Any] | None = None
-    buffer = b""
-    async for raw in resp.content.iter_any():
-        now = perf_counter()
-        if record.first_byte is None:
-            record.first_byte = now
-        buffer = buffer + raw if buffer else raw
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                done = True
-                continue
-            if b'"error"' in payload and _is_error(payload, record):
-                return
-            if b'"usage":{' in payload:
-                usage = _usage(payload) or usage
-            if _CHOICES.search(payload) and not _EMPTY_CHOICES.search(payload):
-                if record.first_choice is None:
-                    record.first_choice = now
-                else:
-                    record.itl.append(now - record.last_choice)  # type: ignore[operator]
-                record.last_choice = now
-                if record.first_content is None and _CONTENT.search(payload):
-                    record.first_content = now
-                if record.text is not None:
-                    record.text.append(_delta_text(payload))
-    if record.first_choice is None:
-        record.error = Failure.PAYLOAD
-        record.detail = "Never received a valid chunk to calculate TTFT."
-        return
-    if not done:
-        record.error, record.detail = Failure.CUT, "stream ended without [DONE]"
-        return
-    if usage:
-        record.output_tokens = int(usage.get("completion_tokens") or 0)
-        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    if not record.output_tokens:
-        record.output_tokens = 1  # vLLM's fallback with no usage and no tokenizer
-
-
-def _is_error(payload: bytes, record: RequestRecord) -> bool:
+def _has_choices(data: bytes, escaped: bool) -> bool:
+    """A non-empty `choices` array (vLLM's test for a token-bearing message)."""
+    at = data.find(b'"choices"')
+    if at > 0 and data[at - 1] != _BACKSLASH and _NON_EMPTY_ARRAY.match(data, at + 9):
+        return True
+    if not escaped:
+        return False
     try:
-        event = orjson.loads(payload)
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(event, dict) and isinstance(event.get("choices"), list) \
+        and bool(event["choices"])
+
+
+def _is_error(data: bytes, record: RequestRecord) -> bool:
+    try:
+        event = orjson.loads(data)
     except orjson.JSONDecodeError:
         return False
     if isinstance(event, dict) and "error" in event and "choices" not in event:
@@ -113,19 +169,21 @@ def _is_error(payload: bytes, record: RequestRecord) -> bool:
     return False
 
 
-def _usage(payload: bytes) -> dict[str, Any] | None:
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    usage = event.get("usage") if isinstance(event, dict) else None
-    return usage if isinstance(usage, dict) else None
+def _usage(data: bytes) -> dict[str, Any] | None:
+    usage = usage_in(data)
+    return usage if usage and "completion_tokens" in usage else None
 
 
-def _delta_text(payload: bytes) -> str:
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _delta_text(data: bytes) -> str:
     try:
-        choice = orjson.loads(payload)["choices"][0]
+        choice = orjson.loads(data)["choices"][0]
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
         return ""
     delta = choice.get("delta") or {}
-    return str(delta.get("content") or choice.get("text") or "")
+    parts = (delta.get("reasoning_content"), delta.get("reasoning"), delta.get("content"),
+             choice.get("text"))
+    return "".join(p for p in parts if isinstance(p, str))

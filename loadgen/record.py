@@ -34,6 +34,7 @@ class RequestRecord:
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    estimated: bool = False  # no usage came: output_tokens counted another way
     status: int = 0
     backend: str | None = None
     error: str | None = None  # a Failure class; None when successful

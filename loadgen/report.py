@@ -20,7 +20,8 @@ CSV_FIELDS = (
     "label", "max_concurrency", "request_rate", "completed", "failed", "duration",
     "request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms",
     "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
-    "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms", "request_goodput",
+    "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms", "request_goodput", "estimated_requests",
+    "output_tokens_counted_by",
 )
 
 
@@ -35,7 +36,7 @@ def result_json(level: LevelResult, percentiles: list[float],
         "label": level.target.name,
         "url": level.target.url,
         "model_id": level.workload.model,
-        "tokenizer_id": None,
+        "tokenizer_id": level.workload.tokenizer,
         "num_prompts": len(level.records),
         "request_rate": "inf" if level.rate is None else level.rate,
         "burstiness": 1.0,
@@ -44,6 +45,11 @@ def result_json(level: LevelResult, percentiles: list[float],
         "output_len": level.workload.output_len,
     }
     out |= summarize(level.records, level.duration, level.started, percentiles, goodput)
+    if out["estimated_requests"]:
+        out["output_tokens_counted_by"] = (
+            "tokenizer" if level.workload.tokenizer else "content_events")
+    else:
+        out["output_tokens_counted_by"] = "usage"
     out["rtfx"] = 0.0  # audio real-time factor in vLLM; not applicable to text
     out["queue_times"] = [r.queue_time for r in level.records]
     out["latencies"] = [r.e2el for r in level.records if r.ok]
@@ -125,6 +131,14 @@ def console(results: list[dict[str, Any]], scale: float = 1.0) -> str:
     for label, level, counts in failures:
         parts.append(f"failures {label} @ {level}: " +
                      ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    for r in results:
+        if r.get("estimated_requests"):
+            how = ("by the tokenizer " + str(r["tokenizer_id"])
+                   if r["output_tokens_counted_by"] == "tokenizer"
+                   else "as one token per content event (--tokenizer PATH counts exactly)")
+            parts.append(f"warning: {r['label']} @ {level_name(r)}: {r['estimated_requests']} "
+                         f"of {r['completed']} streams carried no usage; their output tokens "
+                         f"are estimated {how}")
     for r in results:
         if r.get("agent"):
             turns = r["agent"]["mean_ttft_ms_per_turn"]

@@ -21,6 +21,7 @@ import aiohttp
 
 from loadgen.client import send
 from loadgen.record import RequestRecord
+from loadgen.tokens import TokenCounter
 from loadgen.workload import RUN_NONCE, Conversation, Workload, words
 
 
@@ -99,11 +100,13 @@ async def closed_loop(
 ) -> LevelResult:
     rng = random.Random(seed * 7919 + concurrency)
     url = target.url + workload.path
+    counter = TokenCounter.load(workload.tokenizer)
     records: list[RequestRecord] = []
     progress = Progress(f"{target.name} c={concurrency}", requests, show_progress)
     async with _session(concurrency) as session:
         warm = [RequestRecord(arrival=perf_counter()) for _ in range(warmup)]
-        await asyncio.gather(*(send(session, url, workload.body(rng), _headers(), r, timeout_s)
+        await asyncio.gather(*(send(session, url, workload.body(rng), _headers(), r, timeout_s,
+                                    counter)
                                for r in warm))
         budget = requests
         started = perf_counter()
@@ -119,7 +122,8 @@ async def closed_loop(
                 elif deadline is not None and perf_counter() >= deadline:
                     return
                 record = RequestRecord(arrival=perf_counter())
-                await send(session, url, workload.body(rng), _headers(), record, timeout_s)
+                await send(session, url, workload.body(rng), _headers(), record, timeout_s,
+                           counter)
                 records.append(record)
                 progress.add(record)
 
@@ -136,17 +140,20 @@ async def open_loop(
     """Poisson arrivals at `rate` requests/s, whatever the server's state."""
     rng = random.Random(seed)
     url = target.url + workload.path
+    counter = TokenCounter.load(workload.tokenizer)
     records: list[RequestRecord] = []
     progress = Progress(f"{target.name} rate={rate:g}/s", requests, show_progress)
     async with _session(0) as session:
         warm = [RequestRecord(arrival=perf_counter()) for _ in range(warmup)]
-        await asyncio.gather(*(send(session, url, workload.body(rng), _headers(), r, timeout_s)
+        await asyncio.gather(*(send(session, url, workload.body(rng), _headers(), r, timeout_s,
+                                    counter)
                                for r in warm))
         started = perf_counter()
         tasks: list[asyncio.Task[None]] = []
 
         async def one(record: RequestRecord) -> None:
-            await send(session, url, workload.body(rng), _headers(), record, timeout_s)
+            await send(session, url, workload.body(rng), _headers(), record, timeout_s,
+                           counter)
             records.append(record)
             progress.add(record)
 
@@ -183,6 +190,7 @@ async def agent_sessions(
     # unique to this run, so a server's cache from an earlier run cannot serve it
     shared = f"session {RUN_NONCE}: " + words(prefix_tokens, random.Random(12345))
     url = target.url + workload.path
+    counter = TokenCounter.load(workload.tokenizer)
     records: list[RequestRecord] = []
     progress = Progress(f"{target.name} agents={conversations}", conversations * turns,
                         show_progress)
@@ -198,7 +206,7 @@ async def agent_sessions(
                 messages = conv.ask(f"task {index}.{turn}: " + words(size, rng))
                 record = RequestRecord(arrival=perf_counter(), turn=turn, text=[])
                 await send(session, url, workload.body_for(None, messages), headers, record,
-                           timeout_s)
+                           timeout_s, counter)
                 records.append(record)
                 progress.add(record)
                 if not record.ok:

@@ -34,6 +34,7 @@ class Workload:
     input_len: int
     output_len: int
     ignore_eos: bool = True
+    tokenizer: str | None = None  # counts the output of streams without usage (a path)
 
     @property
     def path(self) -> str:

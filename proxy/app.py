@@ -201,6 +201,8 @@ def _log(
         "output_tokens": last.output_tokens if last else 0,
         "duration_ms": round((perf_counter() - started) * 1000, 1),
     }
+    if last and last.estimated:
+        record["output_tokens_estimated"] = True  # the backend sent no usage
     if error:
         record["error"] = error
     access_log.info(orjson.dumps(record).decode())

@@ -15,6 +15,7 @@ class Attempt:
         "cached_tokens",
         "concurrency",
         "ended_at",
+        "estimated",
         "first_content_at",
         "load_area_at_start",
         "outcome",
@@ -42,6 +43,7 @@ class Attempt:
         self.output_tokens = 0
         self.cached_tokens = 0  # of the prompt, served from the backend's prefix cache
         self.whole = False  # answered in one body (not streamed): no first-token time
+        self.estimated = False  # output_tokens counted from content events: no usage came
 
     def tokens(self, prompt: int, output: int, cached: int) -> None:
         self.prompt_tokens, self.output_tokens, self.cached_tokens = prompt, output, cached

@@ -21,7 +21,7 @@ from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.request import ClientRequest
 from proxy.server import Headers, Reply
-from proxy.sse import StreamObserver, token_counts, usage_of_body
+from proxy.sse import StreamObserver, might_hold_usage, token_counts, usage_in
 from proxy.upstream import Upstream, UpstreamResponse, status_error
 
 _STREAM_HEADERS: Headers = (
@@ -103,6 +103,8 @@ class Forwarder:
             m.prompt_tokens.labels(name).inc(attempt.prompt_tokens)
         if attempt.output_tokens:
             m.output_tokens.labels(name).inc(attempt.output_tokens)
+            if attempt.estimated:
+                m.estimated_tokens.labels(name).inc(attempt.output_tokens)
             decode_s = attempt.decode_s
             if decode_s is not None and attempt.output_tokens > 1:
                 m.tpot.labels(name).observe(decode_s / (attempt.output_tokens - 1))
@@ -139,8 +141,8 @@ class Forwarder:
         self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, reply: Reply
     ) -> None:
         body = await resp.read()
-        if resp.status == 200 and b'"usage"' in body:
-            attempt.tokens(*token_counts(usage_of_body(body)))
+        if resp.status == 200 and might_hold_usage(body):
+            attempt.tokens(*token_counts(usage_in(body)))
         attempt.status = resp.status
         attempt.started = True
         attempt.whole = True
@@ -155,7 +157,7 @@ class Forwarder:
         own callback, one write per socket read, with reading paused while the client's
         socket is full. The bytes that come with the end of the upstream body leave with
         the end of the reply, in one write."""
-        observer = StreamObserver(strip_usage=request.strip_usage)
+        observer = StreamObserver(request.strip_usage, request.endpoint.content)
         first = resp.first_chunk()
         attempt.status = 200
         attempt.started = True
@@ -183,6 +185,9 @@ class Forwarder:
         finally:
             reply.on_resume(None)
         attempt.first_content_at = observer.first_content_at
-        attempt.tokens(*token_counts(observer.usage()))
+        prompt, output, cached = token_counts(observer.usage())
+        if not output and observer.content_events:  # no usage: one token per content event
+            output, attempt.estimated = observer.content_events, True
+        attempt.tokens(prompt, output, cached)
         attempt.end(outcome)
         reply.end(tail)

@@ -72,8 +72,13 @@ class Metrics:
             registry=r,
         ))
         self.output_tokens = _Children(Counter(
-            "sluiceway_output_tokens", "Output tokens reported by backends.", ["backend"],
-            registry=r,
+            "sluiceway_output_tokens", "Output tokens reported by backends (or estimated).",
+            ["backend"], registry=r,
+        ))
+        self.estimated_tokens = _Children(Counter(
+            "sluiceway_output_tokens_estimated",
+            "Output tokens of streams that reported no usage, counted as one per content "
+            "event (included in sluiceway_output_tokens_total).", ["backend"], registry=r,
         ))
         self.queue_wait = Histogram(
             "sluiceway_queue_wait_seconds", "Time a request waited for a backend with room.",

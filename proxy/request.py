@@ -10,6 +10,7 @@ import orjson
 
 from policies import RouteRequest
 from proxy.errors import bad_request
+from proxy.sse import CHAT, MESSAGES, RESPONSES, ContentRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,7 @@ class Endpoint:
     name: str  # the `endpoint` metric label
     asks_usage: bool = False  # streams carry usage only when asked (chat, completions)
     anthropic: bool = False  # errors in Anthropic's shape
+    content: ContentRule = CHAT  # which stream events carry generated output
 
 
 ROUTED: dict[str, Endpoint] = {
@@ -26,8 +28,8 @@ ROUTED: dict[str, Endpoint] = {
         Endpoint("/v1/chat/completions", "chat", asks_usage=True),
         Endpoint("/v1/completions", "completions", asks_usage=True),
         Endpoint("/v1/embeddings", "embeddings"),
-        Endpoint("/v1/responses", "responses"),
-        Endpoint("/v1/messages", "messages", anthropic=True),
+        Endpoint("/v1/responses", "responses", content=RESPONSES),
+        Endpoint("/v1/messages", "messages", anthropic=True, content=MESSAGES),
         Endpoint("/v1/messages/count_tokens", "count_tokens", anthropic=True),
     )
 }

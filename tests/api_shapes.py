@@ -12,21 +12,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-
-def sse(data: dict[str, Any], event: str | None = None) -> bytes:
-    head = f"event: {event}\n".encode() if event else b""
-    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+from tests.sse_styles import Style, event
 
 
 class Shape:
-    """One API's stream and whole reply for a request of `prompt` tokens and `pieces`."""
+    """One API's stream and whole reply for a request of `prompt` tokens and `pieces`,
+    its events written in `style` (tests/sse_styles.py)."""
 
-    def __init__(self, path: str, req: dict[str, Any], prompt: int, pieces: list[str]) -> None:
+    def __init__(self, path: str, req: dict[str, Any], prompt: int, pieces: list[str],
+                 style: Style | None = None) -> None:
         self.path, self.req, self.prompt, self.pieces = path, req, prompt, pieces
         self.model = req["model"]
         self.n = len(pieces)
+        self.style = style or Style()
+
+    def sse(self, data: Any, name: str | None = None) -> bytes:
+        return event(data, self.style, name)
 
     # ---- streams ------------------------------------------------------------------------
 
@@ -35,12 +36,13 @@ class Shape:
             shell = self._response("in_progress", with_output=False)
             item = {"id": "msg_1", "type": "message", "role": "assistant", "status":
                     "in_progress", "content": []}
-            return [sse({"type": "response.created", "response": shell}, "response.created"),
-                    sse({"type": "response.in_progress", "response": shell},
+            return [self.sse({"type": "response.created", "response": shell},
+                             "response.created"),
+                    self.sse({"type": "response.in_progress", "response": shell},
                         "response.in_progress"),
-                    sse({"type": "response.output_item.added", "output_index": 0,
+                    self.sse({"type": "response.output_item.added", "output_index": 0,
                          "item": item}, "response.output_item.added"),
-                    sse({"type": "response.content_part.added", "item_id": "msg_1",
+                    self.sse({"type": "response.content_part.added", "item_id": "msg_1",
                          "output_index": 0, "content_index": 0,
                          "part": {"type": "output_text", "text": "", "annotations": []}},
                         "response.content_part.added")]
@@ -48,8 +50,10 @@ class Shape:
             message = {"id": "msg_1", "type": "message", "role": "assistant", "model":
                        self.model, "content": [], "stop_reason": None, "stop_sequence": None,
                        "usage": {"input_tokens": self.prompt, "output_tokens": 0}}
-            return [sse({"type": "message_start", "message": message}, "message_start"),
-                    sse({"type": "content_block_start", "index": 0,
+            if not self.style.usage:
+                del message["usage"]
+            return [self.sse({"type": "message_start", "message": message}, "message_start"),
+                    self.sse({"type": "content_block_start", "index": 0,
                          "content_block": {"type": "text", "text": ""}},
                         "content_block_start")]
         return []
@@ -57,11 +61,11 @@ class Shape:
     def token(self, i: int) -> bytes:
         piece = self.pieces[i]
         if self.path == "/v1/responses":
-            return sse({"type": "response.output_text.delta", "item_id": "msg_1",
+            return self.sse({"type": "response.output_text.delta", "item_id": "msg_1",
                         "output_index": 0, "content_index": 0, "delta": piece},
                        "response.output_text.delta")
         if self.path == "/v1/messages":
-            return sse({"type": "content_block_delta", "index": 0,
+            return self.sse({"type": "content_block_delta", "index": 0,
                         "delta": {"type": "text_delta", "text": piece}}, "content_block_delta")
         if self.path == "/v1/chat/completions":
             delta: dict[str, Any] = {"content": piece}
@@ -70,27 +74,30 @@ class Shape:
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
         else:
             choice = {"index": 0, "text": piece, "finish_reason": None}
-        return sse({"id": "c1", "model": self.model, "choices": [choice]})
+        return self.sse({"id": "c1", "model": self.model, "choices": [choice]})
 
     def closing(self) -> list[bytes]:
         if self.path == "/v1/responses":
             text = "".join(self.pieces)
-            return [sse({"type": "response.output_text.done", "item_id": "msg_1",
+            return [self.sse({"type": "response.output_text.done", "item_id": "msg_1",
                          "output_index": 0, "content_index": 0, "text": text},
                         "response.output_text.done"),
-                    sse({"type": "response.completed",
+                    self.sse({"type": "response.completed",
                          "response": self._response("completed")}, "response.completed")]
         if self.path == "/v1/messages":
-            return [sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-                    sse({"type": "message_delta", "delta": {"stop_reason": "max_tokens",
-                                                            "stop_sequence": None},
-                         "usage": {"output_tokens": self.n}}, "message_delta"),
-                    sse({"type": "message_stop"}, "message_stop")]
+            ending: dict[str, Any] = {"type": "message_delta", "delta": {
+                "stop_reason": "max_tokens", "stop_sequence": None}}
+            if self.style.usage:
+                ending["usage"] = {"output_tokens": self.n}
+            return [self.sse({"type": "content_block_stop", "index": 0},
+                             "content_block_stop"),
+                    self.sse(ending, "message_delta"),
+                    self.sse({"type": "message_stop"}, "message_stop")]
         out = []
-        if (self.req.get("stream_options") or {}).get("include_usage"):
-            out.append(sse({"id": "c1", "model": self.model, "choices": [],
-                            "usage": self._openai_usage()}))
-        return [*out, b"data: [DONE]\n\n"]
+        if (self.req.get("stream_options") or {}).get("include_usage") and self.style.usage:
+            out.append(self.sse({"id": "c1", "model": self.model, "choices": [],
+                                 "usage": self._openai_usage()}))
+        return [*out, self.sse("[DONE]")]
 
     # ---- whole replies ------------------------------------------------------------------
 
@@ -124,6 +131,6 @@ class Shape:
                   "total_tokens": self.prompt + self.n,
                   "input_tokens_details": {"cached_tokens": 0},
                   "output_tokens_details": {"reasoning_tokens": 0}}
-                 if status == "completed" else None)
+                 if status == "completed" and self.style.usage else None)
         return {"id": "resp_1", "object": "response", "created_at": 0, "model": self.model,
                 "status": status, "output": output, "usage": usage}

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sse import StreamObserver, event_end, token_counts, usage_of_body
+from proxy.sse import CHAT, MESSAGES, RESPONSES, StreamObserver, token_counts, usage_in
 
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
 TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
@@ -34,40 +34,41 @@ def test_strip_removes_only_the_usage_event_whatever_the_chunking(cut: int) -> N
 
 
 def test_content_markers_of_every_shape() -> None:
-    for chunk in (b'{"text":"a"}', b'{"reasoning_content":"x"}', b'{"tool_calls":[{"id":1}]}',
-                  b'{"type":"response.output_text.delta","delta":"x"}'):
-        observer = StreamObserver(strip_usage=False)
-        observer.feed(chunk, 5.0)
-        assert observer.first_content_at == 5.0, chunk
+    for rule, chunk in ((CHAT, b'{"text":"a"}'), (CHAT, b'{"reasoning_content":"x"}'),
+                        (CHAT, b'{"tool_calls":[{"id":1}]}'),
+                        (RESPONSES, b'{"type":"response.output_text.delta","delta":"x"}'),
+                        (MESSAGES, b'{"type":"content_block_delta","delta":{"text":"x"}}')):
+        observer = StreamObserver(False, rule)
+        observer.feed(b"data: " + chunk + b"\n\n", 5.0)
+        assert observer.first_content_at == 5.0 and observer.content_events == 1, chunk
     observer = StreamObserver(strip_usage=False)
-    observer.feed(b'{"delta":{"content":""}}', 1.0)
-    assert observer.first_content_at is None
-
-
-def test_event_end_handles_crlf() -> None:
-    assert event_end(b"data: a\r\n\r\ndata: b") == 11
-    assert event_end(b"data: a\n\ndata: b\n\n") == 18
-    assert event_end(b"data: a") == 0
+    observer.feed(b'data: {"delta":{"content":""}}\n\n', 1.0)
+    assert observer.first_content_at is None and observer.content_events == 0
+    # Responses repeats the whole text in its *.done events: not content again
+    observer = StreamObserver(False, RESPONSES)
+    observer.feed(b'event: response.output_text.done\n'
+                  b'data: {"type":"response.output_text.done","text":"xy"}\n\n', 1.0)
+    assert observer.content_events == 0
 
 
 def test_usage_of_whole_bodies() -> None:
-    assert token_counts(usage_of_body(b'{"usage":{"prompt_tokens":2,"completion_tokens":9}}')) == (
+    assert token_counts(usage_in(b'{"usage":{"prompt_tokens":2,"completion_tokens":9}}')) == (
         2, 9, 0)
     anthropic = b'{"type":"message","usage":{"input_tokens":4,"output_tokens":6}}'
-    assert token_counts(usage_of_body(anthropic)) == (4, 6, 0)
+    assert token_counts(usage_in(anthropic)) == (4, 6, 0)
     # cached prompt tokens: OpenAI / llama.cpp / vLLM details, Responses, Anthropic
     openai = (b'{"usage":{"prompt_tokens":900,"completion_tokens":9,'
               b'"prompt_tokens_details":{"cached_tokens":640}}}')
-    assert token_counts(usage_of_body(openai)) == (900, 9, 640)
+    assert token_counts(usage_in(openai)) == (900, 9, 640)
     responses = (b'{"usage":{"input_tokens":50,"output_tokens":5,'
                  b'"input_tokens_details":{"cached_tokens":32}}}')
-    assert token_counts(usage_of_body(responses)) == (50, 5, 32)
+    assert token_counts(usage_in(responses)) == (50, 5, 32)
     cached = (b'{"type":"message","usage":{"input_tokens":4,"output_tokens":6,'
               b'"cache_read_input_tokens":1200}}')
-    assert token_counts(usage_of_body(cached)) == (1204, 6, 1200)
+    assert token_counts(usage_in(cached)) == (1204, 6, 1200)
     assert token_counts({"prompt_tokens": 3, "completion_tokens": None,
                          "prompt_tokens_details": None}) == (3, 0, 0)
-    assert usage_of_body(b"not json") is None
+    assert usage_in(b"not json") is None
 
 
 FINISH = (b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],'

@@ -20,6 +20,7 @@ import orjson
 import uvicorn
 
 from tests.api_shapes import Shape
+from tests.sse_styles import Style, dump
 
 
 class Upstream:
@@ -42,6 +43,7 @@ class Upstream:
         self.die_after_chunks = -1
         self.garbage_count = 0
         self.piece = "tok{i} "  # each generated token's text; {i} is its index
+        self.style = Style()  # how its JSON and events are written (tests/sse_styles.py)
         self.token_delay_s = args.token_delay_ms / 1000
         self.first_delay_s = args.first_delay_ms / 1000
 
@@ -99,6 +101,8 @@ class Upstream:
         self.die_after_chunks = control.get("die_after_chunks", self.die_after_chunks)
         self.garbage_count = control.get("garbage_count", self.garbage_count)
         self.piece = control.get("piece", self.piece)
+        if "style" in control:
+            self.style = Style.named(control["style"])
         if "token_delay_ms" in control:
             self.token_delay_s = control["token_delay_ms"] / 1000
         if "first_delay_ms" in control:
@@ -136,7 +140,8 @@ class Upstream:
                 or req.get("max_output_tokens") or 8)
         prompt = req.get("messages") or req.get("input") or req.get("prompt") or ""
         prompt_tokens = len(orjson.dumps(prompt)) // 4
-        shape = Shape(path, req, prompt_tokens, [self.piece.format(i=i) for i in range(n)])
+        shape = Shape(path, req, prompt_tokens, [self.piece.format(i=i) for i in range(n)],
+                      self.style)
         await asyncio.sleep(self.first_delay_s)
         if path == "/v1/embeddings":
             await _json(send, 200, {"object": "list", "model": req["model"], "data": [
@@ -148,7 +153,8 @@ class Upstream:
             return
         if not req.get("stream"):
             await asyncio.sleep(self.token_delay_s * n)
-            await _json(send, 200, shape.whole(self.args.name))
+            await _send(send, 200, dump(shape.whole(self.args.name), self.style).encode(),
+                        b"application/json")
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})

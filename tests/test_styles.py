@@ -1,0 +1,116 @@
+"""Servers that write their JSON and events differently, over a real socket: the bench
+and the proxy count the same tokens from each (tests/sse_styles.py names the styles), and
+a server that sends no usage is counted from its content events, marked as estimated."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loadgen.workload import Workload
+from tests.conftest import Launcher, backend
+from tests.probes import gauges, wait_for
+from tests.processes import ROOT, Server
+from tests.sse_styles import STYLES
+from tests.test_bench import level
+
+N = 20  # tokens per request
+CHAT = Workload("chat", "m", input_len=64, output_len=N)
+COMPLETIONS = Workload("completions", "m", input_len=64, output_len=N)
+
+
+@pytest.fixture(scope="module")
+def served(module_launch: Launcher) -> Iterator[tuple[Server, Server]]:
+    up = module_launch.upstream("styles", token_delay_ms=1)
+    proxy = module_launch.proxy([backend("up", up, models=["m"])])
+    yield up, proxy
+
+
+def counted(proxy: Server) -> dict[str, float]:
+    g = gauges(proxy)
+    return {k: g.get(f"sluiceway_{k}", 0.0) for k in (
+        "output_tokens_total", "output_tokens_estimated_total", "requests_total")}
+
+
+def proxy_delta(proxy: Server, before: dict[str, float], requests: int) -> dict[str, float]:
+    wait_for(lambda: counted(proxy)["requests_total"] - before["requests_total"] >= requests)
+    after = counted(proxy)
+    return {k: after[k] - before[k] for k in after}
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_bench_and_proxy_count_every_style(served: tuple[Server, Server], style: str) -> None:
+    up, proxy = served
+    up.post("/_control", {"style": style, "piece": 'tok{i} "q\\" é '})
+    usage = STYLES[style].usage
+    for workload in (CHAT, COMPLETIONS):
+        direct = level(up.url, 2, 6, workload=workload)
+        assert direct["completed"] == 6 and direct["total_output_tokens"] == 6 * N, style
+        assert direct["estimated_requests"] == (0 if usage else 6)
+        assert direct["output_tokens_counted_by"] == ("usage" if usage else "content_events")
+        assert direct["mean_tpot_ms"] > 0
+        before = counted(proxy)
+        routed = level(proxy.url, 2, 6, workload=workload)
+        assert routed["completed"] == 6 and routed["total_output_tokens"] == 6 * N, style
+        d = proxy_delta(proxy, before, 6)
+        assert d["output_tokens_total"] == 6 * N, (style, workload.endpoint)
+        assert d["output_tokens_estimated_total"] == (0 if usage else 6 * N)
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
+def test_the_proxy_counts_every_api_in_every_style(
+        served: tuple[Server, Server], style: str, path: str) -> None:
+    """Responses and Messages streams, and a chat stream whose usage sluiceway asked for
+    itself (and removes before the client sees it)."""
+    up, proxy = served
+    up.post("/_control", {"style": style, "piece": "w{i} "})
+    before = counted(proxy)
+    body = {"model": "m", "stream": True, "max_tokens": N, "max_output_tokens": N,
+            "messages": [{"role": "user", "content": "hi"}], "input": "hi"}
+    with httpx.stream("POST", proxy.url + path, json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        received = resp.read()
+    d = proxy_delta(proxy, before, 1)
+    assert d["output_tokens_total"] == N, (style, path)
+    assert d["output_tokens_estimated_total"] == (0 if STYLES[style].usage else N)
+    if path == "/v1/chat/completions":
+        assert b"usage" not in received and received.count(b'"w1 "') == 1
+
+
+def test_tokenizer_counts_a_stream_without_usage(served: tuple[Server, Server],
+                                                 tmp_path: Path) -> None:
+    """`--tokenizer`: each event carries two words, so a tokenizer that knows them counts
+    2 x N where one-per-event would say N; the table warns that the count is estimated."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    up, _ = served
+    up.post("/_control", {"style": "no_usage", "piece": "alpha{i} beta "})
+    vocab = {"[UNK]": 0, "beta": 1, **{f"alpha{i}": 2 + i for i in range(N)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    out = tmp_path / "r.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "bench", "--url", up.url, "--model", "m",
+         "--concurrency", "2", "--requests", "4", "--output-len", str(N), "--input-len",
+         "32", "--tokenizer", str(path), "--json", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())["results"][0]
+    assert result["total_output_tokens"] == 4 * 2 * N
+    assert result["output_tokens_counted_by"] == "tokenizer"
+    assert result["tokenizer_id"] == str(path)
+    assert "4 of 4 streams carried no usage" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "bench", "--url", up.url, "--model", "m",
+         "--concurrency", "1", "--requests", "1", "--tokenizer", str(tmp_path / "none")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--tokenizer: no file" in bad.stderr

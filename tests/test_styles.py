@@ -114,3 +114,17 @@ def test_tokenizer_counts_a_stream_without_usage(served: tuple[Server, Server],
          "--concurrency", "1", "--requests", "1", "--tokenizer", str(tmp_path / "none")],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--tokenizer: no file" in bad.stderr
+
+
+def test_adaptive_learns_a_backend_that_sends_no_usage(launch: Launcher) -> None:
+    """Its decode rate and throughput curve come from the content events: the upstream
+    sends a token every 20 ms, so about 50 tok/s per stream (less, never more)."""
+    up = launch.upstream("silent", token_delay_ms=20)
+    up.post("/_control", {"style": "no_usage"})
+    proxy = launch.proxy([backend("up", up, models=["m"])], routing={"policy": "adaptive"})
+    r = level(proxy.url, 2, 6, workload=CHAT)
+    assert r["completed"] == 6 and r["total_output_tokens"] == 6 * N
+    state = httpx.get(proxy.url + "/admin/backends", timeout=5).json()["backends"][0]
+    assert state["completed"] == 6
+    assert 25 < state["decode_tok_s"] <= 51
+    assert state["throughput_curve"], state

@@ -21,5 +21,6 @@ class Adapter:
     capacity_path: str | None = None  # GET returning JSON with the slot count
     capacity_field: str | None = None
     metrics_path: str | None = None  # Prometheus text with the load gauges below
-    load_gauges: Mapping[str, str] = field(default_factory=dict)  # metric -> running|waiting
+    # metric -> running | waiting | kv_cache (a 0-1 fraction)
+    load_gauges: Mapping[str, str] = field(default_factory=dict)
     slots_path: str | None = None  # JSON list of slots with `is_processing` (fallback)

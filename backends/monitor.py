@@ -92,9 +92,11 @@ class Monitor:
         if adapter.metrics_path and found.metrics_available:
             async with self._get(state, adapter.metrics_path) as resp:
                 if resp.status == 200:
-                    gauges = _sum_gauges(await resp.text(), adapter.load_gauges)
-                    found.running = gauges.get("running")
-                    found.waiting = gauges.get("waiting")
+                    gauges = _read_gauges(await resp.text(), adapter.load_gauges)
+                    running, waiting = gauges.get("running"), gauges.get("waiting")
+                    found.running = None if running is None else int(running)
+                    found.waiting = None if waiting is None else int(waiting)
+                    found.kv_cache_usage = gauges.get("kv_cache")
                     return
                 found.metrics_available = resp.status not in (404, 501)
         if adapter.slots_path:
@@ -114,16 +116,21 @@ class Monitor:
             return orjson.loads(await resp.read())
 
 
-def _sum_gauges(text: str, wanted: Mapping[str, str]) -> dict[str, int]:
-    """Sum every series of the wanted metrics (vLLM has one per engine)."""
-    totals: dict[str, int] = {}
+def _read_gauges(text: str, wanted: Mapping[str, str]) -> dict[str, float]:
+    """The wanted gauges, over every series (vLLM has one per engine): request counts are
+    summed, the KV-cache fraction is the fullest engine's."""
+    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         field = wanted.get(family.name)
         if field is None:
             continue
         for sample in family.samples:
-            if sample.name == family.name:
-                totals[field] = totals.get(field, 0) + int(sample.value)
+            if sample.name != family.name:
+                continue
+            if field == "kv_cache":
+                totals[field] = max(totals.get(field, 0.0), sample.value)
+            else:
+                totals[field] = totals.get(field, 0.0) + sample.value
     return totals
 
 

@@ -34,6 +34,7 @@ class BackendSnapshot:
     decode_tok_s: float | None  # moving estimate of one stream's decode rate
     upstream_running: int | None  # as scraped from the engine's /metrics
     upstream_waiting: int | None
+    kv_cache_usage: float | None = None  # 0-1, from the engine's /metrics where it has one
     # learned from routed traffic: (concurrency, aggregate output tok/s) and
     # (concurrency, TTFT s), sorted by concurrency; empty until observed
     throughput_curve: tuple[tuple[int, float], ...] = ()

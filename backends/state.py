@@ -21,6 +21,7 @@ class Discovered:
     capacity: int | None = None
     running: int | None = None
     waiting: int | None = None
+    kv_cache_usage: float | None = None  # 0-1, vLLM's KV-cache gauge
     metrics_available: bool = True
 
 
@@ -78,6 +79,7 @@ class BackendState:
             decode_tok_s=self.stats.decode_tok_s.value,
             upstream_running=self.discovered.running,
             upstream_waiting=self.discovered.waiting,
+            kv_cache_usage=self.discovered.kv_cache_usage,
             throughput_curve=self.stats.curve.throughput_points(),
             ttft_curve=self.stats.curve.ttft_points(),
             mean_output_tokens=self.stats.output_tokens.value,

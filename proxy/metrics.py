@@ -116,14 +116,21 @@ class _LiveState(Collector):
             "sluiceway_backend_healthy", "1 when the last probe found the backend ready.",
             labels=["backend"],
         )
+        kv_cache = GaugeMetricFamily(
+            "sluiceway_backend_kv_cache_usage", "The engine's KV-cache fill, 0-1, as scraped "
+            "from its /metrics (vLLM); absent where not published.", labels=["backend"],
+        )
         for state in self._pool:
             in_flight.add_metric([state.name], state.in_flight)
+            if state.discovered.kv_cache_usage is not None:
+                kv_cache.add_metric([state.name], state.discovered.kv_cache_usage)
             if state.capacity is not None:
                 capacity.add_metric([state.name], state.capacity)
             healthy.add_metric([state.name], 1.0 if state.health is Health.HEALTHY else 0.0)
         yield in_flight
         yield capacity
         yield healthy
+        yield kv_cache
         yield GaugeMetricFamily(
             "sluiceway_queue_depth", "Requests waiting for a backend with room.",
             value=self._queue_depth(),

@@ -51,6 +51,7 @@ def admin_backends(pool: Pool, policy: str, queue_depth: int) -> bytes:
             "in_flight": s.in_flight,
             "upstream_running": s.discovered.running,
             "upstream_waiting": s.discovered.waiting,
+            "kv_cache_usage": s.discovered.kv_cache_usage,
             "max_model_len": s.discovered.max_model_len,
             "ttft_s": s.stats.ttft_s.value,
             "decode_tok_s": s.stats.decode_tok_s.value,

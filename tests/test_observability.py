@@ -6,10 +6,12 @@ import json
 import time
 
 import httpx
+import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Launcher, backend
+from tests.probes import gauges, wait_for
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -100,6 +102,20 @@ def test_ready_follows_llamacpp_loading_then_healthy(launch: Launcher) -> None:
     admin = httpx.get(proxy.url + "/admin/backends").json()["backends"][0]
     assert admin["health"] == "healthy" and admin["capacity"] == 1
     assert admin["upstream_running"] == 0  # scraped from llamacpp:requests_processing
+
+
+@pytest.mark.parametrize("name", ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"])
+def test_vllm_kv_cache_fill_is_read_under_either_name(launch: Launcher, name: str) -> None:
+    """vLLM renamed its KV-cache gauge with the V1 engine; either is read (the fullest of
+    two engines' series) and shown in /admin/backends and /metrics."""
+    up = launch.upstream("kv", kv_metric=name)
+    proxy = launch.proxy([backend("v", up, kind="vllm", models=["m"])],
+                         health={"interval_s": 0.2, "timeout_s": 1})
+    wait_for(lambda: httpx.get(proxy.url + "/admin/backends").json()["backends"][0][
+        "kv_cache_usage"] is not None)
+    admin = httpx.get(proxy.url + "/admin/backends").json()["backends"][0]
+    assert admin["kv_cache_usage"] == 0.25 and admin["upstream_waiting"] == 0
+    assert gauges(proxy)["sluiceway_backend_kv_cache_usage"] == 0.25
 
 
 def test_ready_is_503_when_every_backend_is_down(launch: Launcher) -> None:

@@ -74,6 +74,12 @@ class Upstream:
                 {"id": self.args.model, "object": "model", "max_model_len": 4096}]})
         if path == "/props" and self.args.slots:
             return await _json(send, 200, {"total_slots": self.args.slots})
+        if path == "/metrics" and self.args.kv_metric:  # as vLLM publishes its load
+            text = (f"vllm:num_requests_running{{engine=\"0\"}} {self.active}\n"
+                    f"vllm:num_requests_waiting{{engine=\"0\"}} 0\n"
+                    f"{self.args.kv_metric}{{engine=\"0\"}} 0.25\n"
+                    f"{self.args.kv_metric}{{engine=\"1\"}} 0.125\n")
+            return await _send(send, 200, text.encode(), b"text/plain; version=0.0.4")
         if path == "/metrics" and self.args.slots:
             text = (f"llamacpp:requests_processing {self.active}\n"
                     "llamacpp:requests_deferred 0\n")
@@ -226,6 +232,8 @@ def main() -> None:
     parser.add_argument("--token-delay-ms", type=float, default=0)
     parser.add_argument("--first-delay-ms", type=float, default=0)
     parser.add_argument("--loading-s", type=float, default=0)
+    parser.add_argument("--kv-metric", help="publish vLLM's gauges, the KV cache's under this "
+                        "name (vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc before V1)")
     parser.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile")
     args = parser.parse_args()

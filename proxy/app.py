@@ -161,7 +161,10 @@ class App:
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()
-            status, error = 499, "client closed the connection"
+            if attempts and attempts[-1].outcome == "ok":  # it left after the last event
+                status = attempts[-1].status
+            else:
+                status, error = 499, "client closed the connection"
         self._log(request_id, endpoint, client_request.route.model, status, error, attempts,
                   started)
 

@@ -11,6 +11,7 @@ MIN_PREFILL_TOKENS = 64  # below this, TTFT is mostly fixed cost, not prefill
 
 class Attempt:
     __slots__ = (
+        "answered",
         "backend",
         "cached_tokens",
         "concurrency",
@@ -44,6 +45,7 @@ class Attempt:
         self.cached_tokens = 0  # of the prompt, served from the backend's prefix cache
         self.whole = False  # answered in one body (not streamed): no first-token time
         self.estimated = False  # output_tokens counted from content events: no usage came
+        self.answered = False  # the client has had the stream's last event
 
     def tokens(self, prompt: int, output: int, cached: int) -> None:
         self.prompt_tokens, self.output_tokens, self.cached_tokens = prompt, output, cached

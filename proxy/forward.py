@@ -79,7 +79,7 @@ class Forwarder:
                 self._metrics.retries.labels(name).inc()
                 last_error = exc
             except asyncio.CancelledError:
-                attempt.end("client_closed")
+                attempt.end("ok" if attempt.answered else "client_closed")
                 raise
             finally:
                 self._finish(request, attempt)
@@ -183,11 +183,20 @@ class Forwarder:
             lead = b"\n\n" if observer.mid_event else b""
             tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
         finally:
+            # also when the client leaves: what passed is counted, and a client that has
+            # the stream's last event (the openai SDK and Codex close right after it,
+            # before the upstream's end of body) was answered in full
             reply.on_resume(None)
-        attempt.first_content_at = observer.first_content_at
-        prompt, output, cached = token_counts(observer.usage())
-        if not output and observer.content_events:  # no usage: one token per content event
-            output, attempt.estimated = observer.content_events, True
-        attempt.tokens(prompt, output, cached)
+            _account(attempt, observer)
         attempt.end(outcome)
         reply.end(tail)
+
+
+def _account(attempt: Attempt, observer: StreamObserver) -> None:
+    """What the relayed stream told: first content, tokens, whether it reached its end."""
+    attempt.first_content_at = observer.first_content_at
+    prompt, output, cached = token_counts(observer.usage())
+    if not output and observer.content_events:  # no usage: one token per content event
+        output, attempt.estimated = observer.content_events, True
+    attempt.tokens(prompt, output, cached)
+    attempt.answered = observer.ended

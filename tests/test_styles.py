@@ -128,3 +128,31 @@ def test_adaptive_learns_a_backend_that_sends_no_usage(launch: Launcher) -> None
     assert state["completed"] == 6
     assert 25 < state["decode_tok_s"] <= 51
     assert state["throughput_curve"], state
+
+
+@pytest.mark.parametrize(("path", "last"), [("/v1/chat/completions", b"[DONE]"),
+                                            ("/v1/responses", b"response.completed"),
+                                            ("/v1/messages", b"message_stop")])
+def test_a_client_that_leaves_after_the_last_event_was_answered(
+        launch: Launcher, path: str, last: bytes) -> None:
+    """The openai SDK and Codex close the connection once they have the last event, which
+    can be before the upstream's end of body: that request was served in full (200, its
+    tokens counted), not a 499 with nothing learned."""
+    up = launch.upstream("linger", token_delay_ms=1)
+    up.post("/_control", {"linger_ms": 1500})
+    proxy = launch.proxy([backend("up", up, models=["m"])])
+    before = counted(proxy)
+    body = {"model": "m", "stream": True, "max_tokens": N, "max_output_tokens": N,
+            "messages": [{"role": "user", "content": "hi"}], "input": "hi"}
+    with httpx.stream("POST", proxy.url + path, json=body, timeout=30) as resp:
+        got = b""
+        for chunk in resp.iter_raw():
+            got += chunk
+            if last in got:
+                break  # and close, while the upstream still holds its body open
+    d = proxy_delta(proxy, before, 1)
+    assert d["output_tokens_total"] == N
+    record = json.loads(proxy.output().splitlines()[-1].split(" ", 4)[-1])
+    assert record["status"] == 200 and record["outcome"] == "ok", record
+    assert record["ttft_ms"] is not None
+    assert gauges(proxy).get("sluiceway_backend_in_flight", 0) == 0

@@ -44,6 +44,7 @@ class Upstream:
         self.garbage_count = 0
         self.piece = "tok{i} "  # each generated token's text; {i} is its index
         self.style = Style()  # how its JSON and events are written (tests/sse_styles.py)
+        self.linger_s = 0.0  # pause between the last event and the end of the body
         self.token_delay_s = args.token_delay_ms / 1000
         self.first_delay_s = args.first_delay_ms / 1000
 
@@ -107,6 +108,8 @@ class Upstream:
         self.die_after_chunks = control.get("die_after_chunks", self.die_after_chunks)
         self.garbage_count = control.get("garbage_count", self.garbage_count)
         self.piece = control.get("piece", self.piece)
+        if "linger_ms" in control:
+            self.linger_s = control["linger_ms"] / 1000
         if "style" in control:
             self.style = Style.named(control["style"])
         if "token_delay_ms" in control:
@@ -190,7 +193,12 @@ class Upstream:
             closing = shape.closing()
             for event in closing[:-1]:
                 await _body(send, event)
-            await send({"type": "http.response.body", "body": closing[-1]})
+            if self.linger_s:  # the last event, then a pause before the end of the body
+                await _body(send, closing[-1])
+                await asyncio.sleep(self.linger_s)
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                await send({"type": "http.response.body", "body": closing[-1]})
             if sent:
                 self._record(arrival, sent)
         finally:

@@ -26,6 +26,7 @@ class ContentRule:
     name: str
     texts: tuple[str, ...]
     lists: tuple[str, ...] = ()
+    last: tuple[bytes, ...] = ()  # the `type` of the stream's last event, where it has one
     pattern: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
     compact: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
@@ -58,6 +59,13 @@ class ContentRule:
         except orjson.JSONDecodeError:
             return False
 
+    def ends(self, data: bytes) -> bool:
+        """The stream's last event: `[DONE]` (chat, completions) or one whose `type` is
+        in `last` (Responses, Messages)."""
+        if not self.last:
+            return data == b"[DONE]" or (len(data) < 16 and data.strip() == b"[DONE]")
+        return any(marker in data for marker in self.last) and _type_of(data) in self.last
+
     def found(self, value: Any) -> bool:
         """The same decision on a parsed event."""
         if isinstance(value, list):
@@ -78,6 +86,15 @@ class ContentRule:
 _BACKSLASH = ord("\\")
 
 
+def _type_of(data: bytes) -> bytes | None:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    kind = event.get("type") if isinstance(event, dict) else None
+    return f'"{kind}"'.encode() if isinstance(kind, str) else None
+
+
 def _pattern(texts: tuple[str, ...], lists: tuple[str, ...]) -> re.Pattern[bytes]:
     alternatives = [rb'"(?:' + b"|".join(k.encode() for k in texts) + rb')"\s*:\s*"[^"]']
     if lists:
@@ -91,6 +108,8 @@ CHAT = ContentRule("chat", ("content", "text", "reasoning_content", "reasoning")
                    ("tool_calls",))
 # Responses: every `*.delta` event has a string `delta`; the `*.done` events repeat the
 # whole text under `text`, which must not count again
-RESPONSES = ContentRule("responses", ("delta",))
+RESPONSES = ContentRule("responses", ("delta",), last=(
+    b'"response.completed"', b'"response.incomplete"', b'"response.failed"'))
 # Anthropic Messages: content_block_delta's text_delta / input_json_delta / thinking_delta
-MESSAGES = ContentRule("messages", ("text", "partial_json", "thinking"))
+MESSAGES = ContentRule("messages", ("text", "partial_json", "thinking"),
+                       last=(b'"message_stop"',))

@@ -33,7 +33,8 @@ _USAGE_EVENTS_KEPT = 4
 
 class StreamObserver:
     __slots__ = ("_framer", "_held", "_held_raw", "_opening", "_pending", "_rule",
-                 "_strip_usage", "_usage_events", "content_events", "first_content_at")
+                 "_strip_usage", "_usage_events", "content_events", "ended",
+                 "first_content_at")
 
     def __init__(self, strip_usage: bool, content: ContentRule = CHAT) -> None:
         self._strip_usage = strip_usage
@@ -46,6 +47,7 @@ class StreamObserver:
         self._opening: bytes | None = None  # Anthropic message_start's data
         self.first_content_at: float | None = None
         self.content_events = 0
+        self.ended = False  # the stream's last event has passed (and was handed on)
 
     @property
     def mid_event(self) -> bool:
@@ -65,6 +67,8 @@ class StreamObserver:
                 self.content_events += 1
                 if self.first_content_at is None:
                     self.first_content_at = now
+            if self._rule.ends(data):
+                self.ended = True
             if might_hold_usage(data, escaped):
                 if self._opening is None and _MESSAGE_START in data:
                     self._opening = data

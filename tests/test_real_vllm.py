@@ -138,7 +138,7 @@ def test_load_and_kv_cache_are_read_from_vllm(proxy: Server, vllm: Server) -> No
                     model=ALIAS, messages=MSG, max_tokens=600, stream=True,
                     extra_body=FIXED):
                 pass
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=stream) for _ in range(4)]

@@ -67,6 +67,16 @@ def vllm_metric(vllm: Server, name: str, **labels: str) -> float:
     return total
 
 
+def cache_config(vllm: Server) -> dict[str, str]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(vllm.url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "vllm:cache_config_info":
+                return dict(sample.labels)
+    raise AssertionError("vLLM published no vllm:cache_config_info")
+
+
 def test_chat_and_completions_streamed_and_whole(proxy: Server) -> None:
     client = sdk(proxy)
     before = counted(proxy)
@@ -131,24 +141,14 @@ def test_load_and_kv_cache_are_read_from_vllm(proxy: Server, vllm: Server) -> No
     """Four long streams at once: the proxy's view of the backend shows vLLM's own
     running gauge and a KV cache that fills; both fall back once the streams end."""
     errors: list[BaseException] = []
-
-    def stream() -> None:
-        try:
-            for _ in sdk(proxy).chat.completions.create(
-                    model=ALIAS, messages=MSG, max_tokens=600, stream=True,
-                    extra_body=FIXED):
-                pass
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=stream) for _ in range(4)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: view(proxy)["upstream_running"] == 4, timeout_s=60)
-    wait_for(lambda: (view(proxy)["kv_cache_usage"] or 0) > 0, timeout_s=30)
-    assert gauges(proxy)["sluiceway_backend_kv_cache_usage"] > 0
-    for t in threads:
-        t.join(120)
+    clients = threading.Thread(target=lambda: errors.extend(run_clients(proxy, 4, 1500)))
+    clients.start()
+    try:
+        wait_for(lambda: view(proxy)["upstream_running"] == 4, timeout_s=60)
+        wait_for(lambda: (view(proxy)["kv_cache_usage"] or 0) > 0, timeout_s=30)
+        assert gauges(proxy)["sluiceway_backend_kv_cache_usage"] > 0
+    finally:
+        clients.join(180)
     assert not errors
     wait_for(lambda: view(proxy)["upstream_running"] == 0, timeout_s=10)
 
@@ -168,10 +168,12 @@ def test_prefix_cache_shows_in_cached_tokens_on_a_growing_conversation(
     assert second.usage is not None and second.usage.prompt_tokens_details is not None
     cached = second.usage.prompt_tokens_details.cached_tokens or 0
     assert first.usage is not None
-    # vLLM caches whole 16-token blocks, and the first turn's last block differs in the
-    # second (the template's generation prompt, then the answer): all but 1-2 blocks hit
-    assert first.usage.prompt_tokens - 32 <= cached < second.usage.prompt_tokens
-    assert cached % 16 == 0
+    # vLLM caches whole blocks (128 tokens in this build: vllm:cache_config_info), and the
+    # first turn's last block differs in the second (the template's generation prompt,
+    # then the answer): every block before it hits
+    block = int(cache_config(vllm)["block_size"])
+    assert cached % block == 0
+    assert first.usage.prompt_tokens - block <= cached < second.usage.prompt_tokens
     assert vllm_metric(vllm, "vllm:prefix_cache_hits_total") - hits_before == cached
 
 
@@ -236,3 +238,64 @@ def test_a_client_that_leaves_aborts_the_request_inside_vllm(
     assert view(proxy)["in_flight"] == 0
     log = proxy.output().splitlines()[-1]
     assert '"status":499' in log and '"outcome":"client_closed"' in log
+
+
+def run_clients(proxy: Server, n: int, max_tokens: int,
+                model: str = ALIAS) -> list[BaseException]:
+    """`n` streams sent at the same moment (each client made first, then a barrier)."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def one() -> None:
+        client = sdk(proxy)
+        barrier.wait(30)
+        try:
+            for _ in client.chat.completions.create(
+                    model=model, messages=MSG, max_tokens=max_tokens, stream=True,
+                    extra_body=FIXED):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return errors
+
+
+@pytest.mark.parametrize("cap", [0, 4])
+def test_more_clients_than_max_num_seqs(launch: Launcher, vllm: Server, cap: int) -> None:
+    """8 clients on a vLLM that runs 4 sequences at a time. vLLM does not publish its
+    --max-num-seqs (only KV-cache figures in vllm:cache_config_info), so sluiceway cannot
+    default a cap from it: without `max_concurrency` all 8 go in and 4 wait inside vLLM
+    (its waiting gauge, read through /metrics); with `max_concurrency = 4` the other 4
+    wait in sluiceway's admission queue, where another backend could still take them."""
+    proxy = launch.proxy([backend("vllm", vllm, kind="vllm", models=[MODEL_NAME],
+                                  max_concurrency=cap)],
+                         health={"interval_s": 0.1, "timeout_s": 2})
+    assert "kv_cache_max_concurrency" in cache_config(vllm)
+    assert "max_num_seqs" not in cache_config(vllm)
+    seen = {"vllm_waiting": 0, "queued": 0, "in_flight": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            state = view(proxy)
+            seen["vllm_waiting"] = max(seen["vllm_waiting"], state["upstream_waiting"] or 0)
+            seen["in_flight"] = max(seen["in_flight"], state["in_flight"])
+            seen["queued"] = max(seen["queued"], int(gauges(proxy)["sluiceway_queue_depth"]))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert run_clients(proxy, 8, 1200, MODEL_NAME) == []
+    finally:
+        done.set()
+        watcher.join(10)
+    if cap:
+        assert seen["in_flight"] == 4 and seen["queued"] >= 3 and seen["vllm_waiting"] == 0
+    else:
+        assert seen["in_flight"] == 8 and seen["queued"] == 0 and seen["vllm_waiting"] >= 3

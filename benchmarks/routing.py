@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,9 @@ from loadgen.runner import LevelResult, Target, agent_sessions, closed_loop  # n
 from loadgen.summary import percentile  # noqa: E402
 from loadgen.workload import Workload  # noqa: E402
 from tests.realllama.server import RealLlama, prepare, server_args  # noqa: E402
+from tests.realvllm import server as vllm_server  # noqa: E402
+from tests.realvllm.build import Artifacts as RealVllm  # noqa: E402
+from tests.realvllm.build import install as install_vllm  # noqa: E402
 
 POOLS = {
     "llamacpp-q4km + vllm-fp8-aiter": ("llamacpp-q4km", "vllm-fp8-aiter"),
@@ -63,6 +67,10 @@ POOLS = {
 }
 POLICIES = ("round_robin", "least_loaded", "latency", "adaptive")
 WORKLOAD = Workload("chat", "m", input_len=512, output_len=128)
+# --real: both engines serve their random test model as `tiny-llama` on the same two cores
+REAL_WORKLOAD = Workload("chat", vllm_server.MODEL_NAME, input_len=128, output_len=64)
+REAL_LEVELS = [1, 2, 4, 8, 16]
+REAL_POLICIES = ("round_robin", "least_loaded", "adaptive")
 
 
 class Fleet:
@@ -99,14 +107,27 @@ class Fleet:
         wait_http(url + "/health", proc, timeout_s=120)
         return url
 
+    def vllm(self, real: RealVllm, max_num_seqs: int) -> str:
+        """The real vLLM (installed by tests/realvllm) on its random test model."""
+        port = free_port()
+        log = (self.workdir / f"vllm-{port}.log").open("wb")
+        proc = subprocess.Popen(
+            [str(real.vllm), *vllm_server.server_args(real.model, port, max_num_seqs)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **vllm_server.ENV})
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", proc, timeout_s=vllm_server.START_TIMEOUT_S)
+        return url
+
     def proxy(self, backends: list[tuple[str, str, str]], policy: str,
-              affinity: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+              affinity: bool = True, model: str = "m") -> tuple[subprocess.Popen[bytes], str]:
         lines = [f'[routing]\npolicy = "{policy}"\naffinity = {str(affinity).lower()}',
                  "[server]\naccess_log = false", "[health]\ninterval_s = 1"]
         for name, kind, url in backends:
             cap = "\nmax_concurrency = 1024" if kind == "vllm" else ""
             lines.append(f'[[backends]]\nname = "{name}"\nkind = "{kind}"\nurl = "{url}"\n'
-                         f'models = ["m"]{cap}')
+                         f'models = ["{model}"]{cap}')
         config = self.workdir / f"proxy-{policy}-{free_port()}.toml"
         config.write_text("\n".join(lines) + "\n")
         return self._start(["serve", "--config", str(config), "--log-level", "warning"],
@@ -120,6 +141,8 @@ class Fleet:
         for proc in self.procs:
             if proc.poll() is None:
                 self.stop(proc)
+            for leftover in Path("/dev/shm").glob(f"__KMP_REGISTERED_LIB_{proc.pid}_*"):
+                leftover.unlink(missing_ok=True)  # Intel OpenMP's, from vLLM
 
 
 def chunk_times(r: RequestRecord) -> list[float]:
@@ -181,23 +204,24 @@ def whole_run(level: LevelResult, speed: float, first_s: float) -> dict[str, Any
     }
 
 
-def cold_level(url: str, concurrency: int, per_c: int, speed: float) -> dict[str, Any]:
+def cold_level(url: str, concurrency: int, per_c: int, speed: float,
+               workload: Workload = WORKLOAD) -> dict[str, Any]:
     """One level from a fresh start: one warm-up request (uncounted), then
     max(16, per_c x concurrency) requests, all counted."""
-    level = asyncio.run(closed_loop(Target("t", url), WORKLOAD, concurrency,
+    level = asyncio.run(closed_loop(Target("t", url), workload, concurrency,
                                     requests=max(16, per_c * concurrency), duration_s=None,
                                     warmup=1, timeout_s=900, show_progress=False))
     return whole_run(level, speed, first_s=10.0)
 
 
 def cold_sweep(label: str, levels: list[int], per_c: int, speed: float,
-               start: Any) -> dict[int, dict[str, Any]]:
+               start: Any, workload: Workload = WORKLOAD) -> dict[int, dict[str, Any]]:
     """`start()` gives a fresh (process, url) for every level; it is stopped after."""
     out = {}
     for c in levels:
         proc, url = start()
         try:
-            out[c] = cold_level(url, c, per_c, speed)
+            out[c] = cold_level(url, c, per_c, speed, workload)
         finally:
             if proc is not None:
                 proc.terminate()
@@ -309,6 +333,33 @@ def agent_run(fleet: Fleet, servers: list[tuple[str, str, str]], policy: str,
             "failed": sum(1 for r in level.records if not r.ok)}
 
 
+def real_pool(args: argparse.Namespace) -> None:
+    """The real llama-server and the real vLLM on this machine's cores, in real time."""
+    levels = REAL_LEVELS if args.levels == "1,8,32,64,128" else [
+        int(x) for x in args.levels.split(",")]
+    fleet = Fleet(1.0, Path(tempfile.mkdtemp(prefix="sluiceway-routing-real-")))
+    try:
+        llama_url = fleet.llama_server(prepare(), slots=4)
+        vllm_url = fleet.vllm(install_vllm(), max_num_seqs=16)
+        singles = {"llama-server": llama_url, "vllm": vllm_url}
+        results = {name: cold_sweep(name, levels, args.per_c, 1.0, lambda u=url: (None, u),
+                                    REAL_WORKLOAD)
+                   for name, url in singles.items()}
+        backends = [("llama-server", "llamacpp", llama_url), ("vllm", "vllm", vllm_url)]
+        for policy in REAL_POLICIES:
+            results[policy] = cold_sweep(
+                policy, levels, args.per_c, 1.0,
+                lambda p=policy: fleet.proxy(backends, p, model=REAL_WORKLOAD.model),
+                REAL_WORKLOAD)
+        print_pool("real llama-server (4 slots) + real vLLM (16 seqs), "
+                   f"{REAL_WORKLOAD.input_len} in / {REAL_WORKLOAD.output_len} out",
+                   results, list(singles), levels, cold=True)
+        if args.json:
+            args.json.write_text(json.dumps({"real": results, "levels": levels}, indent=2))
+    finally:
+        fleet.stop_all()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,8 +382,15 @@ def main() -> None:
                              "learning pass (as a user meets it after a deploy)")
     parser.add_argument("--per-c", type=int, default=3,
                         help="with --cold: requests per level = max(16, PER_C x concurrency)")
+    parser.add_argument("--real", action="store_true",
+                        help="only the real pool: the pinned llama-server (4 slots) and the "
+                             "real vLLM (--max-num-seqs 16), each alone and under "
+                             "round_robin, least_loaded and adaptive, cold, at 1-16")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.real:
+        real_pool(args)
+        return
     levels = [int(x) for x in args.levels.split(",")]
     pools = POOLS if args.pools == "all" else {k: POOLS[k] for k in args.pools.split(",")}
     if args.only_agent:

@@ -30,6 +30,7 @@ _NON_EMPTY_ARRAY = re.compile(rb'\s*:\s*\[\s*[^\]\s]')  # after a key
 
 
 _BACKSLASH = ord("\\")
+_STALE_RETRIES = 2
 
 
 class StreamTally:
@@ -113,7 +114,31 @@ async def send(
     timeout_s: float,
     counter: TokenCounter | None = None,
 ) -> None:
-    """Run one request, filling `record`. Never raises for a failed request."""
+    """Run one request, filling `record`. Never raises for a failed request.
+
+    A pooled keep-alive connection the server has already closed fails before anything was
+    received: llama-server announces keep-alive and closes after each stream, and aiohttp
+    may reuse the socket before it has seen the FIN. Such a request never reached the
+    server, so it is sent again (at most twice, on the next connection) and counted in
+    `record.resent`; t0 is taken again for it."""
+    for tries_left in range(_STALE_RETRIES, -1, -1):
+        try:
+            await _send_once(session, url, body, headers, record, timeout_s, counter)
+            return
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            stale = record.status == 0 and not isinstance(exc, aiohttp.ClientConnectorError)
+            if not (stale and tries_left):
+                record.error, record.detail = Failure.CONNECT, f"{type(exc).__name__}: {exc}"
+                return
+            record.resent += 1
+
+
+async def _send_once(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+    record: RequestRecord, timeout_s: float, counter: TokenCounter | None,
+) -> None:
+    """One try; raises only for a connection that failed before any response (a status
+    line) arrived, which the caller may try again."""
     record.t0 = perf_counter()
     try:
         async with asyncio.timeout(timeout_s):
@@ -135,6 +160,10 @@ async def send(
         record.detail = f"no {'first token' if first else 'end'} within {timeout_s:g} s"
     except aiohttp.ClientConnectorError as exc:
         record.error, record.detail = Failure.CONNECT, str(exc)[:200]
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        if record.status == 0:
+            raise  # nothing came back: maybe a stale pooled connection (see send)
+        record.error, record.detail = Failure.CUT, "connection lost mid-stream"
     except (aiohttp.ClientError, OSError) as exc:
         started = record.first_byte is not None
         record.error = Failure.CUT if started else Failure.CONNECT

@@ -35,6 +35,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     estimated: bool = False  # no usage came: output_tokens counted another way
+    resent: int = 0  # sent again after a stale keep-alive connection failed before any reply
     status: int = 0
     backend: str | None = None
     error: str | None = None  # a Failure class; None when successful

@@ -113,6 +113,7 @@ def summarize(
         "max_output_tokens_per_s": max_tokens_per_s(ok, started_at),
         "max_concurrent_requests": max_overlap(ok),
         "estimated_requests": sum(1 for r in ok if r.estimated),  # no usage in their stream
+        "resent_requests": sum(1 for r in records if r.resent),  # after a stale connection
     }
     result |= stats_ms("ttft", [r.ttft for r in ok if r.ttft is not None], percentiles)
     result |= stats_ms("tpot", [r.tpot for r in ok if r.tpot is not None], percentiles)

@@ -298,3 +298,19 @@ def test_growing_conversation_reuses_the_prompt_cache(
     for before, after in itertools.pairwise(timings):
         # at least the whole previous prompt came from the slot's cache
         assert after["cache_n"] >= before["prompt_n"] + before["cache_n"] - 1, timings
+
+
+def test_the_bench_measures_llama_server_directly(served: tuple[Server, Server]) -> None:
+    """llama-server answers `Keep-Alive: timeout=5` and then closes the connection after
+    each stream; a client that reuses the socket before it sees the close fails to write
+    its next request (half the requests of a c=1 run failed so). The bench sends such a
+    request again on the next connection: none fails, each resend is counted."""
+    from loadgen.workload import Workload
+    from tests.test_bench import level
+
+    llama, _ = served
+    r = level(llama.url, 1, 6, timeout_s=120,
+              workload=Workload("chat", MODEL_ALIAS, input_len=32, output_len=8))
+    assert r["completed"] == 6 and r["failed"] == 0, r["errors"]
+    assert r["total_output_tokens"] == 6 * 8
+    assert r["resent_requests"] >= 1  # the pinned build closes: the path is exercised

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint typecheck llama-server vllm overhead clean
+.PHONY: install demo demo-quick test lint typecheck llama-server vllm overhead crosscheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ overhead: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py --install-nginx --floor
 	$(BIN)/python benchmarks/overhead.py --install-nginx --requests 2048 --tokens 128 \
 		--token-delay-ms 5 --concurrency 128,1024
+
+# sluiceway bench against vllm bench serve and AIPerf on the same servers (~15 min).
+crosscheck: $(STAMP) llama-server vllm
+	$(BIN)/python benchmarks/crosscheck.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,9 +3,9 @@
     python benchmarks/crosscheck.py [--levels 1,8,32] [--servers all] [--tools all]
                                     [--json PATH]          (make crosscheck)
 
-The same workload (chat, 128 prompt tokens, 64 output tokens with ignore_eos, temperature
-0, closed loop at each level, max(32, 4 x level) requests after one uncounted warm-up) is
-measured by:
+The same workload (chat, prompts of 128 words, 64 output tokens with ignore_eos,
+temperature 0, closed loop at each level, max(32, 4 x level) requests after one uncounted
+warm-up) is measured by:
 
 - `sluiceway bench` (this project);
 - `vllm bench serve` from the real vLLM the test suite installs (tests/realvllm/build.py):
@@ -16,9 +16,14 @@ measured by:
 
 on three servers: an emulated vLLM (`sluiceway emulate`), the real llama-server of the test
 suite, and a server that writes its JSON spaced as Python's `json.dumps` does
-(tests/upstream_server.py, style "python"). Both external tools read the random test
-model's tokenizer (made locally by tests/realvllm/model.py) to build their prompts; no
-tool downloads anything at run time.
+(tests/upstream_server.py, style "python"). Every tool sends prompts from a file written
+for its run (`--prompts`, vLLM's custom dataset, AIPerf's single_turn input file): made
+the same way, so of the same length on every server's tokenizer, and each beginning with
+a word unique to the run, so no tool's prompts hit a prefix cache that an earlier run
+filled (a tool's own random prompts with a fixed seed repeat from run to run, and
+llama-server and vLLM then serve them from cache). The external tools read the random
+test model's tokenizer (made locally by tests/realvllm/model.py); nothing is downloaded
+at run time.
 
 One table: output tok/s, requests/s, TTFT mean and p99, TPOT mean, ITL mean per server,
 level and tool, and sluiceway's ratio to each other tool on every figure.
@@ -30,6 +35,7 @@ import argparse
 import fcntl
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -41,6 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from loadgen.local import free_port, wait_http  # noqa: E402
+from loadgen.workload import Workload  # noqa: E402
 from tests.realllama.build import cache_root  # noqa: E402
 from tests.realllama.server import prepare, server_args  # noqa: E402
 from tests.realvllm import server as vllm_server  # noqa: E402
@@ -149,23 +156,49 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None,
         raise RuntimeError(f"{cmd[0]} failed ({done.returncode}):\n" + "\n".join(tail))
 
 
+def prompts_file(path: Path, count: int, key: str = "prompt") -> Path:
+    """`count` prompts of INPUT_LEN words (as `sluiceway bench` makes them: a first word
+    unique to this process and request, then common words), as JSON lines."""
+    rng = random.Random(0)
+    made = Workload("chat", MODEL, INPUT_LEN, OUTPUT_LEN)
+    path.write_text("".join(json.dumps({key: made.prompt(rng)}) + "\n" for _ in range(count)))
+    return path
+
+
 def sluiceway(url: str, level: int, work: Path, tokenizer: Path) -> dict[str, float]:
     out = work / f"sluiceway-{level}.json"
+    prompts = prompts_file(work / f"sluiceway-{level}.jsonl", requests_for(level) + 1)
     run([sys.executable, "-m", "proxy.cli", "bench", "--url", url, "--model", MODEL,
          "--concurrency", str(level), "--requests", str(requests_for(level)),
-         "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--warmup", "1",
+         "--prompts", str(prompts), "--output-len", str(OUTPUT_LEN), "--warmup", "1",
          "--json", str(out), "--no-progress"], work / "sluiceway.log")
     r = json.loads(out.read_text())["results"][0]
     return _vllm_keys(r)
 
 
-def vllm_bench(url: str, level: int, work: Path, tokenizer: Path) -> dict[str, float]:
+def vllm_bench_ready() -> Path:
+    """The vLLM the tests install, plus pandas, which `vllm bench serve` needs for a custom
+    dataset (added once, under the install's lock)."""
     real = install_vllm()
+    root = real.python.parent.parent.parent
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if subprocess.run([str(real.python), "-c", "import pandas"],
+                          capture_output=True).returncode:
+            subprocess.run([str(real.python), "-m", "pip", "install", "--quiet", "pandas"],
+                           check=True)
+    return real.vllm
+
+
+def vllm_bench(url: str, level: int, work: Path, tokenizer: Path) -> dict[str, float]:
+    vllm = vllm_bench_ready()
     name = f"vllm-{level}.json"
-    run([str(real.vllm), "bench", "serve", "--backend", "openai-chat", "--base-url", url,
+    run([str(vllm), "bench", "serve", "--backend", "openai-chat", "--base-url", url,
          "--endpoint", "/v1/chat/completions", "--model", MODEL, "--tokenizer",
-         str(tokenizer), "--dataset-name", "random", "--random-input-len", str(INPUT_LEN),
-         "--random-output-len", str(OUTPUT_LEN), "--num-prompts", str(requests_for(level)),
+         str(tokenizer), "--dataset-name", "custom", "--dataset-path",
+         str(prompts_file(work / f"vllm-{level}.jsonl", requests_for(level) + 1)),
+         "--custom-output-len", str(OUTPUT_LEN), "--skip-chat-template",
+         "--num-prompts", str(requests_for(level)),
          "--max-concurrency", str(level), "--request-rate", "inf", "--ignore-eos",
          "--temperature", "0", "--num-warmups", "1", "--percentile-metrics",
          "ttft,tpot,itl,e2el", "--metric-percentiles", "99", "--save-result",
@@ -180,11 +213,17 @@ def aiperf(url: str, level: int, work: Path, tokenizer: Path) -> dict[str, float
     run([str(exe), "profile", "--model", MODEL, "--url", url, "--endpoint-type", "chat",
          "--streaming", "--concurrency", str(level), "--request-count",
          str(requests_for(level)), "--warmup-request-count", "1",
-         "--prompt-input-tokens-mean", str(INPUT_LEN), "--prompt-input-tokens-stddev", "0",
+         "--input-file", str(prompts_file(work / f"aiperf-{level}.jsonl",
+                                          requests_for(level) + 1, key="text")),
+         "--custom-dataset-type", "single_turn", "--dataset-sampling-strategy", "sequential",
          "--prompt-output-tokens-mean", str(OUTPUT_LEN), "--prompt-output-tokens-stddev",
          "0", "--extra-inputs", "ignore_eos:true", "--extra-inputs", "temperature:0",
          "--use-server-token-count", "--tokenizer", str(tokenizer), "--artifact-dir",
-         str(out), "--ui-type", "none", "--random-seed", "0"], work / "aiperf.log")
+         str(out), "--ui-type", "none", "--random-seed", "0"], work / "aiperf.log",
+        # AIPerf 0.13 resolves every tokenizer name as a Hub repo when HF_HUB_OFFLINE is
+        # set, so a local directory fails; unset, it loads the directory (and its alias
+        # lookup fails fast here: no DNS)
+        env={"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": ""})
     found = sorted(out.rglob("profile_export_aiperf.json"))
     if not found:
         raise RuntimeError(f"aiperf wrote no profile_export_aiperf.json under {out}")

@@ -23,7 +23,7 @@ from loadgen.runner import (
     open_loop,
 )
 from loadgen.summary import Goodput
-from loadgen.workload import Workload
+from loadgen.workload import Workload, read_prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--workers", type=int, default=1,
                       help="client processes to spread each level over")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--prompts", metavar="FILE",
+                      help='JSON lines of {"prompt": "..."} to send in order instead of '
+                           "made-up prompts of --input-len words")
     load.add_argument("--tokenizer", metavar="PATH",
                       help="tokenizer.json that counts the output of streams without usage "
                            "(default: one token per content event; either way marked)")
@@ -129,7 +132,8 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     for target in targets:
         model = asyncio.run(_resolve_model(target))
         workload = Workload(args.endpoint, model, args.input_len, args.output_len,
-                            tokenizer=args.tokenizer)
+                            tokenizer=args.tokenizer,
+                            prompts=read_prompts(args.prompts) if args.prompts else ())
         common: dict[str, Any] = dict(warmup=args.warmup, timeout_s=args.timeout_s,
                                       seed=args.seed, show_progress=not args.no_progress)
         levels: list[LevelResult] = []

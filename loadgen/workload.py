@@ -35,6 +35,7 @@ class Workload:
     output_len: int
     ignore_eos: bool = True
     tokenizer: str | None = None  # counts the output of streams without usage (a path)
+    prompts: tuple[str, ...] = ()  # given prompts, sent in order (--prompts); else made
 
     @property
     def path(self) -> str:
@@ -43,7 +44,10 @@ class Workload:
     def prompt(self, rng: random.Random) -> str:
         """A prompt of about input_len tokens whose first word is unique to this request
         and this process, so no prefix cache serves it from an earlier request or an
-        earlier run (the rest of the prompt follows the seeded `rng`)."""
+        earlier run (the rest of the prompt follows the seeded `rng`). Given `prompts`
+        are sent in order instead (from the start again when all were sent)."""
+        if self.prompts:
+            return self.prompts[next(_COUNTER) % len(self.prompts)]
         n = self.input_len - (CHAT_TEMPLATE_TOKENS if self.endpoint == "chat" else 0)
         return f"r{RUN_NONCE}x{next(_COUNTER)} " + words(n - 1, rng)
 
@@ -83,3 +87,23 @@ class Conversation:
     def answered(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
         self.turn += 1
+
+
+def read_prompts(path: str) -> tuple[str, ...]:
+    """Prompts from a JSON-lines file, one `{"prompt": "..."}` per line (the format of
+    `vllm bench serve --dataset-name custom`)."""
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc})") from exc
+            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+                raise ValueError(f'{path}:{number}: expected {{"prompt": "..."}}')
+            prompts.append(entry["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return tuple(prompts)

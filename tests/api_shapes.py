@@ -74,7 +74,8 @@ class Shape:
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
         else:
             choice = {"index": 0, "text": piece, "finish_reason": None}
-        return self.sse({"id": "c1", "model": self.model, "choices": [choice]})
+        return self.sse({"id": "c1", "object": self._chunk_object, "created": 0,
+                         "model": self.model, "choices": [choice]})
 
     def closing(self) -> list[bytes]:
         if self.path == "/v1/responses":
@@ -95,7 +96,8 @@ class Shape:
                     self.sse({"type": "message_stop"}, "message_stop")]
         out = []
         if (self.req.get("stream_options") or {}).get("include_usage") and self.style.usage:
-            out.append(self.sse({"id": "c1", "model": self.model, "choices": [],
+            out.append(self.sse({"id": "c1", "object": self._chunk_object, "created": 0,
+                                 "model": self.model, "choices": [],
                                  "usage": self._openai_usage()}))
         return [*out, self.sse("[DONE]")]
 
@@ -118,6 +120,11 @@ class Shape:
         return {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion",
                 "model": self.model, "choices": [choice], "usage": self._openai_usage(),
                 "served_by": served_by}
+
+    @property
+    def _chunk_object(self) -> str:
+        return ("chat.completion.chunk" if self.path == "/v1/chat/completions"
+                else "text_completion")
 
     def _openai_usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt, "completion_tokens": self.n,

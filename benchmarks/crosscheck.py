@@ -36,6 +36,7 @@ import fcntl
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -278,6 +279,12 @@ def table(results: dict[str, dict[int, dict[str, dict[str, float]]]]) -> str:
     return "\n".join(lines)
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU of every finished child process (and theirs), in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.3f}" if theirs else "-"
 
@@ -311,11 +318,16 @@ def main() -> None:
                 results[server][level] = {}
                 for tool, measure in tools.items():
                     started = time.monotonic()
+                    before = _children_cpu_s()
                     m = measure(url, level, place, tokenizer)
+                    # the tool's CPU over its whole run (start-up included): on a 2-core
+                    # machine a heavier client takes CPU from the server under test
+                    m["tool_cpu_s"] = _children_cpu_s() - before
                     results[server][level][tool] = m
                     print(f"  {server} c={level} {tool}: {m['out_tok_s']:,.1f} tok/s, "
-                          f"{m['completed']:.0f} ok, {m['failed']:.0f} failed "
-                          f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+                          f"{m['completed']:.0f} ok, {m['failed']:.0f} failed, "
+                          f"{m['tool_cpu_s']:.1f} CPU-s ({time.monotonic() - started:.0f} s)",
+                          file=sys.stderr, flush=True)
         finally:
             fleet.stop_all()
     print(table(results))

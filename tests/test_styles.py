@@ -156,3 +156,25 @@ def test_a_client_that_leaves_after_the_last_event_was_answered(
     assert record["status"] == 200 and record["outcome"] == "ok", record
     assert record["ttft_ms"] is not None
     assert gauges(proxy).get("sluiceway_backend_in_flight", 0) == 0
+
+
+def test_bench_sends_the_prompts_of_a_file(served: tuple[Server, Server],
+                                           tmp_path: Path) -> None:
+    up, _ = served
+    up.post("/_control", {"style": "compact", "piece": "w{i} "})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n"
+                               for i in range(3)))
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "bench", "--url", up.url, "--model", "m",
+         "--concurrency", "1", "--requests", "2", "--warmup", "0", "--output-len", "4",
+         "--prompts", str(prompts), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    last = up.get("/_stats")["last_body"]["messages"]
+    assert last == [{"role": "user", "content": "prompt number 1"}]
+    prompts.write_text('{"text": "no prompt key"}\n')
+    bad = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "bench", "--url", up.url, "--model", "m",
+         "--prompts", str(prompts)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and 'expected {"prompt": "..."}' in bad.stderr

@@ -216,7 +216,8 @@ def test_a_4xx_from_vllm_passes_through_unchanged(
 def test_a_client_that_leaves_aborts_the_request_inside_vllm(
         proxy: Server, vllm: Server) -> None:
     """The client reads 5 events of a 1,500-token stream and leaves: vLLM stops generating
-    at once (its generation counter stops ~1,490 tokens short) and runs nothing. In 0.32
+    well short of the end (idle: under 200 tokens in; 553 with two busy loops beside it on
+    2 cores, where the disconnect takes longer to reach vLLM) and runs nothing. In 0.32
     this abort is not counted in `vllm:request_success_total{finished_reason="abort"}`
     (it stays 0: checked here, so a release that starts counting it shows up)."""
     generated = vllm_metric(vllm, "vllm:generation_tokens_total")
@@ -233,7 +234,7 @@ def test_a_client_that_leaves_aborts_the_request_inside_vllm(
     stopped_at = vllm_metric(vllm, "vllm:generation_tokens_total")
     time.sleep(1.0)  # at ~100+ tok/s, a request still running would add 100 tokens
     assert vllm_metric(vllm, "vllm:generation_tokens_total") == stopped_at
-    assert stopped_at - generated < 200
+    assert stopped_at - generated < 1000  # the whole request would be 1,500
     assert vllm_metric(vllm, "vllm:request_success_total", finished_reason="abort") == aborted
     assert view(proxy)["in_flight"] == 0
     log = proxy.output().splitlines()[-1]

@@ -6,6 +6,9 @@ One task runs the step loop. A step admits waiting sequences while fewer than
 `Profile.step_seconds(decoding, prefill_tokens) / speed`. Steps are scheduled on absolute
 times, so an event loop that wakes late catches up instead of drifting. A prefilled
 sequence gets its first token at the end of its prefill step, as in the real engines.
+
+Time comes from a `Clock`: the wall clock when serving, a virtual one in the tests that
+check the timing model itself (no scheduler jitter in what they measure).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
+from typing import Protocol
 
 from emulator.profile import Profile
 
@@ -60,6 +64,22 @@ class Sequence:
         return max(1, len(self.prompt) - self.cached)  # the last token is always computed
 
 
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep_until(self, at: float) -> None: ...
+
+
+class WallClock:
+    """Real time: `time.monotonic`, the clock the HTTP side stamps arrivals with."""
+
+    def now(self) -> float:
+        return monotonic()
+
+    async def sleep_until(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - monotonic()))
+
+
 AdmitHook = Callable[[Sequence], None]
 FinishHook = Callable[[Sequence], None]
 
@@ -72,8 +92,10 @@ class Engine:
         speed: float = 1.0,
         on_admit: AdmitHook | None = None,
         on_finish: FinishHook | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.profile = profile
+        self.clock: Clock = clock or WallClock()
         self.max_running = max_running
         self.speed = speed
         self.waiting: deque[Sequence] = deque()
@@ -83,6 +105,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
+        self.tokens = 0  # output tokens emitted so far
         self.late_s = 0.0  # total time steps ended later than scheduled (lag)
 
     def start(self) -> None:
@@ -111,30 +134,26 @@ class Engine:
         self._wake.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        clock = self.clock
+        next_at = clock.now()
         while True:
             if not self.waiting and not self.running:
                 self._wake.clear()
                 await self._wake.wait()
-                next_at = loop.time()
+                next_at = clock.now()
             prefilling = self._admit()
             decoding = [s for s in self.running if s.first_token_at is not None]
             prefill = sum(s.prefill_tokens for s in prefilling)
             next_at += self.profile.step_seconds(len(decoding), prefill) / self.speed
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                self.late_s -= delay
-                await asyncio.sleep(0)
+            self.late_s += max(0.0, clock.now() - next_at)
+            await clock.sleep_until(next_at)
             self._emit(prefilling, decoding)
 
     def _admit(self) -> list[Sequence]:
         admitted = []
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting.popleft()
-            seq.admitted_at = monotonic()
+            seq.admitted_at = self.clock.now()
             self._on_admit(seq)  # sets the cached prefix (prompt cache lookup)
             self.running.append(seq)
             admitted.append(seq)
@@ -142,7 +161,7 @@ class Engine:
 
     def _emit(self, prefilling: list[Sequence], decoding: list[Sequence]) -> None:
         self.steps += 1
-        now = monotonic()
+        now = self.clock.now()
         for seq in prefilling:
             if not seq.cancelled:
                 seq.first_token_at = now
@@ -150,6 +169,7 @@ class Engine:
             if seq.cancelled:
                 continue
             seq.produced += 1
+            self.tokens += 1
             seq.changed.set()
             if seq.done:
                 seq.finished_at = now

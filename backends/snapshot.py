@@ -41,6 +41,7 @@ class BackendSnapshot:
     ttft_curve: tuple[tuple[int, float], ...] = ()
     mean_output_tokens: float | None = None
     prefill_chars_per_s: float | None = None  # learned; see BackendStats
+    mean_uncached_chars: float | None = None  # the prompts behind the TTFT curve
 
     @property
     def routable(self) -> bool:

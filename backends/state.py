@@ -84,4 +84,5 @@ class BackendState:
             ttft_curve=self.stats.curve.ttft_points(),
             mean_output_tokens=self.stats.output_tokens.value,
             prefill_chars_per_s=self.stats.prefill_chars_per_s.value,
+            mean_uncached_chars=self.stats.uncached_chars.value,
         )

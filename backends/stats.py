@@ -35,6 +35,7 @@ class RequestResult:
     decode_s: float | None = None  # first content to last chunk
     concurrency: float | None = None  # mean in flight on the backend during the request
     prefilled_chars: float | None = None  # body bytes the backend prefilled (not cached)
+    uncached_chars: float | None = None  # the same for any prompt size (with a TTFT)
     whole_s: float | None = None  # a reply answered in one body: its duration (no TTFT)
 
 
@@ -42,7 +43,7 @@ class BackendStats:
     """TTFT and per-stream decode speed, plus plain counters for the admin view."""
 
     __slots__ = ("completed", "curve", "decode_tok_s", "failed", "output_tokens",
-                 "prefill_chars_per_s", "ttft_s")
+                 "prefill_chars_per_s", "ttft_s", "uncached_chars")
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.ttft_s = Ewma(alpha)
@@ -51,6 +52,9 @@ class BackendStats:
         # prefill speed in request-body bytes per second of TTFT (the TTFT also holds
         # queueing and one decode step, so this errs low: moving a session looks dearer)
         self.prefill_chars_per_s = Ewma(alpha)
+        # the typical uncached prompt behind the learned TTFTs: a request that brings more
+        # (or less) to prefill waits longer (or shorter) than the TTFT curve says
+        self.uncached_chars = Ewma(alpha)
         self.curve = CurveLearner()
         self.completed = 0
         self.failed = 0
@@ -73,6 +77,8 @@ class BackendStats:
             self.output_tokens.add(result.output_tokens)
         if result.prefilled_chars and result.ttft_s:
             self.prefill_chars_per_s.add(result.prefilled_chars / result.ttft_s)
+        if result.uncached_chars is not None and result.ttft_s is not None:
+            self.uncached_chars.add(result.uncached_chars)
         if result.concurrency is not None and result.outcome == "ok":
             self.curve.observe(result.concurrency, rate, result.ttft_s)
 

@@ -3,9 +3,16 @@
 For each eligible backend b with n requests in flight, from its learned throughput curve
 T_b (aggregate output tok/s at a concurrency; see policies/model.py):
 
-    cost_b = TTFT_b(n + 1)                            wait for the first token
+    cost_b = TTFT_b(n + 1, prompt)                    wait for the first token
            + O / max(T_b(n + 1) - T_b(n),            decode time at the throughput this
                      T_b(n + 1) / (n + 1) / 2)       request adds to the backend
+
+TTFT_b(n + 1, prompt) is the learned TTFT curve corrected for this request's prompt: the
+part b would have to prefill (all of it, or on the session's own backend only what was
+added since its last turn there) against the typical prompt behind the curve, at b's
+learned prefill speed (model.request_ttft_s). A long agent opening thus goes where it
+prefills fastest, and a conversation's next turn is charged only its new part where its
+prefix is cached.
 
 O is the request's max_tokens, else the backend's mean reply length. The first term of the
 max is the marginal throughput: what the backend's total output rate gains by taking one
@@ -30,7 +37,10 @@ steep as llama.cpp's first one and put a second stream on llama.cpp at 32 concur
 where one is best (measured: llama.cpp held 2 of 32 streams most of the time, 1.02x the
 best single backend; see docs/benchmarks.md).
 
-Pick: lowest cost; ties by in_flight / capacity, then config order. Exploration: an idle
+Pick: lowest cost; ties by in_flight / capacity, then config order. Exploration: the
+gateway measures every backend with one short request before it takes traffic
+(proxy/calibrate.py), so a fresh proxy starts from this deployment's single-stream rate,
+TTFT and prefill speed. Where that did not happen (calibration off or failed), an idle
 backend with no completed request yet is chosen first (config order), so every backend is
 measured before the model judges it (except for a returning session whose backend has
 room: its cached prefix is worth more than the probe); and a measured backend is not
@@ -46,11 +56,14 @@ as "within", it drew everything a measured backend could not take).
 Session affinity (bounded preference): a request with an affinity key (x-session-id or
 session_id header, prompt_cache_key or user field, else a hash of its first messages)
 goes back to the backend that served its session, as long as that backend is eligible (so
-never past its capacity) and its cost is at most AFFINITY_SLACK times the best cost plus
-the prefill a move would repeat (the request's body size over the best backend's learned
-prefill speed, in body bytes per second of TTFT from requests that prefilled >= 64 tokens
-not served from cache). That keeps llama.cpp's per-slot prompt cache and vLLM's prefix
-cache warm for agent sessions, the more so the longer the conversation.
+never past its capacity) and its cost (charged only the prompt's new part) is at most
+AFFINITY_SLACK times the best backend's cost on its typical prompt, plus the prefill a move
+would repeat (the request's body size over the best backend's learned prefill speed, in
+body bytes per second of TTFT from requests that prefilled >= 64 tokens not served from
+cache). The slack stands for what one request's cost cannot see: the turns to come, which
+find their prefix cached only where the session stays. That keeps llama.cpp's per-slot
+prompt cache and vLLM's prefix cache warm for agent sessions, the more so the longer the
+conversation.
 The session table keeps the most recent MAX_SESSIONS keys.
 """
 
@@ -71,14 +84,16 @@ class Adaptive:
 
     def __init__(self, config: PolicyConfig) -> None:
         self._affinity = config.affinity
-        self._sessions: OrderedDict[str, str] = OrderedDict()
+        # affinity key -> (backend, body size of the session's last request there)
+        self._sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:
         found = eligible(request, snapshot)
         if not isinstance(found, tuple):
             return found
         key = request.affinity_key if self._affinity else None
-        previous = self._sessions.get(key) if key is not None else None
+        previous, previous_chars = (self._sessions.get(key, (None, 0)) if key is not None
+                                    else (None, 0))
         returning = previous is not None and any(b.name == previous for b in found)
         idle_unmeasured = [b for b in found if not b.throughput_curve and not b.in_flight]
         if idle_unmeasured and not returning:  # measure every backend before judging it,
@@ -91,22 +106,29 @@ class Adaptive:
             found = within
         prior_rate = model.prior_stream_tok_s(snapshot.backends)
         prior_ttft = model.prior_ttft_s(snapshot.backends)
-        costs = {b.name: cost(b, request, prior_rate, prior_ttft) for b in found}
+        # the session's own backend holds its last prompt; elsewhere all of it is prefilled
+        costs = {b.name: cost(b, request, prior_rate, prior_ttft,
+                              uncached_chars=max(0, request.prompt_chars - previous_chars)
+                              if b.name == previous else request.prompt_chars)
+                 for b in found}
         best = min(found, key=lambda b: (costs[b.name], b.load, b.index))
         pick = best.name
-        if previous in costs and costs[previous] <= affinity_bound(costs[best.name], best,
-                                                                   request):
-            pick = previous
+        if previous in costs and previous != pick:
+            typical = best.mean_uncached_chars or 0.0  # best's cost as its curve has it
+            bound = affinity_bound(cost(best, request, prior_rate, prior_ttft, typical),
+                                   best, request)
+            if costs[previous] <= bound:
+                pick = previous
         return self._route(request, pick)
 
     def _route(self, request: RouteRequest, backend: BackendSnapshot | str) -> Route:
         name = backend if isinstance(backend, str) else backend.name
         if self._affinity and request.affinity_key is not None:
-            self._remember(request.affinity_key, name)
+            self._remember(request.affinity_key, name, request.prompt_chars)
         return Route(name)
 
-    def _remember(self, key: str, backend: str) -> None:
-        self._sessions[key] = backend
+    def _remember(self, key: str, backend: str, chars: int) -> None:
+        self._sessions[key] = (backend, chars)
         self._sessions.move_to_end(key)
         if len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
@@ -123,10 +145,10 @@ def affinity_bound(best_cost: float, best: BackendSnapshot, request: RouteReques
 
 
 def cost(b: BackendSnapshot, request: RouteRequest, prior_rate: float,
-         prior_ttft: float) -> float:
+         prior_ttft: float, uncached_chars: float) -> float:
     n = b.in_flight
     tokens = model.output_tokens(b, request.max_tokens)
     after = model.aggregate_tok_s(b, n + 1, prior_rate)
     margin = after - model.aggregate_tok_s(b, n, prior_rate)
     margin = max(margin, after / (n + 1) / 2, 1e-6)
-    return model.ttft_s(b, n + 1, prior_ttft) + tokens / margin
+    return model.request_ttft_s(b, n + 1, uncached_chars, prior_ttft) + tokens / margin

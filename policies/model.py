@@ -24,6 +24,13 @@
   adaptive and the shape already keep an unmeasured backend from being flooded blindly).
 - `ttft_s(b, n)`: linear between learned points, flat outside them; `prior_ttft_s` when
   nothing is known.
+- `request_ttft_s(b, n, chars)`: the TTFT of a request that brings `chars` body bytes for
+  the backend to prefill (what its cache does not hold). The TTFT curve was learned from
+  the backend's typical prompts (`mean_uncached_chars`); a request with a longer one waits
+  for the difference at the backend's learned prefill speed, and never less than its own
+  prefill. So a 20k-token agent opening is charged 3.6 s on a llama.cpp that prefills
+  5.5k tokens/s and 0.5 s on a vLLM at 40k, where the curve alone (learned on 512-token
+  prompts) saw 0.1 s on both and sent openings to llama.cpp.
 """
 
 from __future__ import annotations
@@ -85,6 +92,20 @@ def ttft_s(b: BackendSnapshot, n: float, prior_ttft_s: float) -> float:
     if n >= points[-1][0]:
         return points[-1][1]
     return _interpolate(points, n)
+
+
+def prefill_s(b: BackendSnapshot, chars: float) -> float:
+    """Seconds to prefill `chars` body bytes at the learned speed; 0 while unknown."""
+    rate = b.prefill_chars_per_s
+    return chars / rate if rate else 0.0
+
+
+def request_ttft_s(b: BackendSnapshot, n: float, chars: float, prior_ttft_s: float) -> float:
+    base = ttft_s(b, n, prior_ttft_s)
+    if not b.prefill_chars_per_s or b.mean_uncached_chars is None:
+        return base
+    own = prefill_s(b, chars)
+    return max(own, base + own - prefill_s(b, b.mean_uncached_chars))
 
 
 def prior_stream_tok_s(backends: Sequence[BackendSnapshot]) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from time import perf_counter
 
 from backends.stats import RequestResult
+from proxy.sse import StreamObserver, token_counts
 
 MIN_PREFILL_TOKENS = 64  # below this, TTFT is mostly fixed cost, not prefill
 
@@ -50,9 +51,25 @@ class Attempt:
     def tokens(self, prompt: int, output: int, cached: int) -> None:
         self.prompt_tokens, self.output_tokens, self.cached_tokens = prompt, output, cached
 
+    def read_stream(self, observer: StreamObserver) -> None:
+        """What a relayed stream told: first content, tokens, whether it reached its end."""
+        self.first_content_at = observer.first_content_at
+        prompt, output, cached = token_counts(observer.usage())
+        if not output and observer.content_events:  # no usage: one token per content event
+            output, self.estimated = observer.content_events, True
+        self.tokens(prompt, output, cached)
+        self.answered = observer.ended
+
     def end(self, outcome: str) -> None:
         self.outcome = outcome
         self.ended_at = perf_counter()
+
+    def settle(self, load_area_now: float) -> None:
+        """Set the mean in-flight count over the attempt, from the backend's in-flight
+        integral now (read once it has ended, before its slot is freed)."""
+        elapsed = self.duration_s
+        if elapsed > 0:
+            self.concurrency = (load_area_now - self.load_area_at_start) / elapsed
 
     @property
     def ttft_s(self) -> float | None:
@@ -77,6 +94,14 @@ class Attempt:
             return None
         return self.prompt_chars * uncached / self.prompt_tokens
 
+    @property
+    def uncached_chars(self) -> float:
+        """The part of the body not served from the backend's cache, in body bytes (all of
+        it when the reply reported no token counts)."""
+        if self.prompt_tokens <= 0:
+            return float(self.prompt_chars)
+        return self.prompt_chars * (self.prompt_tokens - self.cached_tokens) / self.prompt_tokens
+
     def result(self) -> RequestResult:
         return RequestResult(
             outcome=self.outcome,
@@ -85,5 +110,6 @@ class Attempt:
             decode_s=self.decode_s,
             concurrency=self.concurrency,
             prefilled_chars=self.prefilled_chars,
+            uncached_chars=self.uncached_chars,
             whole_s=self.duration_s if self.whole and self.ended_at is not None else None,
         )

@@ -89,10 +89,7 @@ class Forwarder:
     def _finish(self, request: ClientRequest, attempt: Attempt) -> None:
         if attempt.ended_at is None:
             attempt.end(attempt.outcome)
-        elapsed = attempt.duration_s
-        if elapsed > 0:
-            area = self._pool.load_area(attempt.backend) - attempt.load_area_at_start
-            attempt.concurrency = area / elapsed
+        attempt.settle(self._pool.load_area(attempt.backend))
         self._pool.release(attempt.backend, attempt.result())
         m, name = self._metrics, attempt.backend
         m.requests.labels(name, request.endpoint.name, attempt.outcome).inc()
@@ -187,16 +184,7 @@ class Forwarder:
             # the stream's last event (the openai SDK and Codex close right after it,
             # before the upstream's end of body) was answered in full
             reply.on_resume(None)
-            _account(attempt, observer)
+            attempt.read_stream(observer)
         attempt.end(outcome)
         reply.end(tail)
 
-
-def _account(attempt: Attempt, observer: StreamObserver) -> None:
-    """What the relayed stream told: first content, tokens, whether it reached its end."""
-    attempt.first_content_at = observer.first_content_at
-    prompt, output, cached = token_counts(observer.usage())
-    if not output and observer.content_events:  # no usage: one token per content event
-        output, attempt.estimated = observer.content_events, True
-    attempt.tokens(prompt, output, cached)
-    attempt.answered = observer.ended

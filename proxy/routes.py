@@ -56,6 +56,7 @@ def admin_backends(pool: Pool, policy: str, queue_depth: int) -> bytes:
             "ttft_s": s.stats.ttft_s.value,
             "decode_tok_s": s.stats.decode_tok_s.value,
             "prefill_chars_per_s": s.stats.prefill_chars_per_s.value,
+            "mean_uncached_chars": s.stats.uncached_chars.value,
             "throughput_curve": [list(p) for p in s.stats.curve.throughput_points()],
             "ttft_curve": [list(p) for p in s.stats.curve.ttft_points()],
             "completed": s.stats.completed,

@@ -41,6 +41,9 @@ class RoutingSettings(_Section):
     queue_size: Annotated[int, Field(ge=0)] = 1024
     queue_timeout_s: PositiveFloat = 30
     affinity: bool = True  # adaptive: send a session back to the backend that served it
+    # one measured request of this many output tokens to each backend before it takes
+    # traffic (proxy/calibrate.py); 0 turns it off
+    calibrate_tokens: Annotated[int, Field(ge=0, le=4096)] = 32
 
     @field_validator("policy")
     @classmethod

@@ -31,9 +31,10 @@ class Launcher:
         self.servers.append(server)
         return server.wait_listening() if wait else server
 
-    def emulator(self, engine: str, profile: str, wait: bool = True, **flags: Any) -> Server:
-        """`sluiceway emulate`; flags become its command-line options."""
-        port = free_port()
+    def emulator(self, engine: str, profile: str, wait: bool = True, port: int = 0,
+                 **flags: Any) -> Server:
+        """`sluiceway emulate` (on `port`, else a free one); flags become its options."""
+        port = port or free_port()
         args = ["-m", "proxy.cli", "emulate", "--engine", engine, "--profile", profile,
                 "--port", str(port)]
         for key, value in flags.items():
@@ -64,6 +65,9 @@ class Launcher:
         """`sluiceway serve` with a config file built from the arguments."""
         port = free_port()
         sections.setdefault("health", {"interval_s": 0.5, "timeout_s": 1})
+        # No calibration probe unless a test asks for one (routing quality, calibration
+        # itself): forwarding tests count the requests each upstream received exactly.
+        sections["routing"] = {"calibrate_tokens": 0, **sections.get("routing", {})}
         config = write_config(self.workdir / f"proxy-{port}.toml", sections, backends)
         server = Server(["-m", "proxy.cli", "serve", "--config", str(config), "--port",
                          str(port)], port, self.workdir / f"proxy-{port}.log")

@@ -335,3 +335,45 @@ def test_affinity_bound_grows_with_the_prefill_a_move_would_repeat() -> None:
     assert turn(6000, 3000.0) == Route("a")
     # a short one (0.1 s to repeat) still moves
     assert turn(300, 3000.0) == Route("b")
+
+
+def test_a_long_prompt_goes_where_it_prefills_fastest() -> None:
+    """Alone, a stock-FP8 vLLM streams slower than llama.cpp (104 against 114 tok/s), so a
+    short request goes to llama.cpp. A 20k-token agent opening (about 100 kB) would wait
+    4 s for llama.cpp's prefill (25 kB/s) and 0.5 s for vLLM's (200 kB/s): it goes to
+    vLLM, although the TTFT curves, learned on 3 kB prompts, are the same."""
+    def backends(vllm_in_flight: int = 0) -> PoolSnapshot:
+        return pool(
+            replace(learned("llama", 0, 0, LLAMA, TTFT, kind="llamacpp"),
+                    prefill_chars_per_s=25_000.0, mean_uncached_chars=3_000.0),
+            replace(learned("vllm", 1, vllm_in_flight, FP8, TTFT, kind="vllm"),
+                    prefill_chars_per_s=200_000.0, mean_uncached_chars=3_000.0))
+
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0), affinity=False))
+    short = RouteRequest(endpoint="chat", model="m", max_tokens=128, prompt_chars=3_000)
+    opening = replace(short, prompt_chars=100_000)
+    assert policy.choose(short, backends()) == Route("llama")
+    assert policy.choose(opening, backends()) == Route("vllm")
+    # with the prefill unknown (nothing learned), the curves alone decide: llama.cpp
+    blind = pool(learned("llama", 0, 0, LLAMA, TTFT, kind="llamacpp"),
+                 learned("vllm", 1, 0, FP8, TTFT, kind="vllm"))
+    assert policy.choose(opening, blind) == Route("llama")
+
+
+def test_a_session_backend_is_charged_only_the_new_part_of_its_prompt() -> None:
+    """Turn 2 of a conversation that opened on llama.cpp: 103 kB, of which 100 kB are the
+    first turn, cached there. Elsewhere all of it would be prefilled: it stays, although
+    vLLM prefills 8x faster and would take a fresh request of that size."""
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    llama = replace(learned("llama", 0, 0, LLAMA, TTFT, kind="llamacpp"),
+                    prefill_chars_per_s=25_000.0, mean_uncached_chars=3_000.0)
+    vllm = replace(learned("vllm", 1, 0, FP8, TTFT, kind="vllm"),
+                   prefill_chars_per_s=200_000.0, mean_uncached_chars=3_000.0)
+    first = RouteRequest(endpoint="chat", model="m", max_tokens=128, prompt_chars=100_000,
+                         affinity_key="s")
+    assert policy.choose(first, pool(llama, replace(vllm, in_flight=0, capacity=0))) \
+        == Route("llama")  # vLLM full: the opening goes to llama.cpp
+    second = replace(first, prompt_chars=103_000)
+    assert policy.choose(second, pool(llama, vllm)) == Route("llama")
+    fresh = replace(second, affinity_key="other")
+    assert policy.choose(fresh, pool(llama, vllm)) == Route("vllm")

@@ -27,11 +27,13 @@ import pytest
 from loadgen.report import result_json
 from loadgen.runner import Target, closed_loop
 from loadgen.workload import Workload
+from proxy.settings import RoutingSettings
 from tests.conftest import Launcher, backend
 from tests.processes import Server
 
 SPEED = 4  # the emulators, proxy and client together stay well inside two cores here
 MARGIN = 0.97
+CALIBRATE_TOKENS = RoutingSettings().calibrate_tokens
 WORK = Workload("chat", "m", input_len=512, output_len=128)
 REQUESTS = {1: 16, 8: 24, 32: 64}
 
@@ -52,7 +54,8 @@ class Pool:
     def fresh_proxy(self) -> Server:
         return self.launch.proxy([
             backend("llama", self.llama, kind="llamacpp", models=["m"]),
-            backend("vllm", self.vllm, kind="vllm", models=["m"], max_concurrency=1024)])
+            backend("vllm", self.vllm, kind="vllm", models=["m"], max_concurrency=1024)],
+            routing={"calibrate_tokens": CALIBRATE_TOKENS})  # as shipped
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ def test_adaptive_serves_a_real_llamacpp_and_vllm_pool(
     proxy = launch.proxy(
         [backend("llama", llama, kind="llamacpp"),
          backend("vllm", vllm, kind="vllm", max_concurrency=4)],
-        routing={"policy": "adaptive"}, health={"interval_s": 0.2, "timeout_s": 2})
+        routing={"policy": "adaptive", "calibrate_tokens": 32},
+        health={"interval_s": 0.2, "timeout_s": 2})
     most = {"llama": 0, "vllm": 0}
     done = threading.Event()
 

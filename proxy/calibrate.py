@@ -1,0 +1,141 @@
+"""Calibration: one short measured request to each backend before it takes traffic.
+
+A proxy that has just started knows nothing about its backends' speed, and the first
+decisions are the ones a user counts (a deploy, a restart, the first run of a sweep). The
+engine-kind shapes (policies/priors.py) say how a curve bends, not how fast this
+deployment of this model is: on the real CPU pool of the tests, vLLM streams 6x faster
+than llama-server, and a fresh proxy that only had the shapes sent llama-server one or two
+requests per level before anything came back (0.55-0.60x the best single engine over
+whole runs at 2-8 concurrent). Measuring is cheaper than guessing: each backend, when it
+is first seen healthy and idle with nothing learned, gets one streamed chat request of
+`calibrate_tokens` output tokens behind a prompt of about PROMPT_WORDS words, unique to
+the run so no prefix cache serves it. Its result is learned exactly as a routed request's
+(the slot is taken and freed through the pool; TTFT, per-stream decode rate at one stream,
+prefill speed), so `adaptive` starts from this machine's single-stream rates and prefill
+speeds instead of a guess.
+
+Backends are calibrated one at a time, in config order, so on a machine they share (the
+tests' CPU pool) one probe's timing is not another's contention. At start-up the gateway
+waits for the first round (bounded by `timeout_s` per backend) before it serves, and
+later rounds follow the health probes, for a backend that was down or loading at start.
+A probe that fails teaches nothing and is tried again in a later round; a request counts
+as calibrated once it has been answered (or once the backend learned from real traffic).
+Probes are not client requests: they appear in the log, not in the request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from time import perf_counter
+
+import orjson
+
+from backends.config import EngineKind
+from backends.pool import Pool
+from backends.snapshot import Health
+from backends.state import BackendState
+from backends.stats import RequestResult
+from proxy.attempt import Attempt
+from proxy.errors import ProxyError
+from proxy.sse import StreamObserver
+from proxy.upstream import Upstream
+
+log = logging.getLogger("sluiceway.calibrate")
+
+TIMEOUT_S = 30.0  # a probe that takes longer is abandoned (it delays start-up at most this)
+PROMPT_WORDS = 200  # enough prefill (>= 64 tokens) for its time to mean something
+WORDS = ("river", "stone", "lamp", "orbit", "cedar", "violet", "harbor", "signal",
+         "meadow", "copper", "lantern", "quartz", "falcon", "ember", "tundra", "willow")
+
+
+def probe_body(model: str, kind: EngineKind, tokens: int, nonce: str) -> bytes:
+    words = " ".join(WORDS[(i * 7 + len(nonce)) % len(WORDS)] for i in range(PROMPT_WORDS))
+    payload: dict[str, object] = {
+        "model": model,
+        "stream": True,
+        "max_tokens": tokens,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": f"{nonce} {words}. Continue the list."}],
+    }
+    if kind is not EngineKind.OPENAI:  # llama.cpp and vLLM take it; a strict API may not
+        payload["ignore_eos"] = True  # so a real model does not stop after a few tokens
+    return orjson.dumps(payload)
+
+
+class Calibrator:
+    def __init__(self, pool: Pool, upstream: Upstream, tokens: int) -> None:
+        self._pool = pool
+        self._upstream = upstream
+        self._tokens = tokens
+        self._nonce = secrets.token_hex(6)
+        self._done: set[str] = set()
+
+    def due(self, state: BackendState) -> bool:
+        if self._tokens <= 0 or state.name in self._done:
+            return False
+        if state.stats.curve.samples:  # traffic has taught it already
+            self._done.add(state.name)
+            return False
+        return (state.health is Health.HEALTHY and state.in_flight == 0
+                and state.served_model is not None)
+
+    async def round(self) -> None:
+        """Calibrate every backend that is due, one at a time, each within TIMEOUT_S."""
+        for state in self._pool:
+            if self.due(state):
+                try:
+                    async with asyncio.timeout(TIMEOUT_S):
+                        await self.calibrate(state)
+                except TimeoutError:
+                    log.warning("calibrating backend %s: no answer within %g s",
+                                state.name, TIMEOUT_S)
+
+    async def calibrate(self, state: BackendState) -> None:
+        name, model = state.name, state.served_model
+        assert model is not None
+        body = probe_body(model, state.config.kind, self._tokens, self._nonce)
+        headers = {"content-type": "application/json"}
+        if state.upstream_key:
+            headers["authorization"] = f"Bearer {state.upstream_key}"
+        attempt = Attempt(name, self._pool.load_area(name), len(body))
+        self._pool.acquire(name)
+        observer = StreamObserver(strip_usage=False)
+        problem = ""
+
+        def sink(data: bytes) -> None:
+            observer.feed(data, perf_counter())
+
+        try:
+            resp = await self._upstream.post(name, state.config.base_url
+                                             + "/v1/chat/completions", body, headers)
+            try:
+                if resp.status == 200:
+                    sink(resp.first_chunk())
+                    if not resp.complete:
+                        sink(await resp.relay(sink))
+                else:
+                    problem = f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
+            except BaseException:
+                resp.close()
+                raise
+            resp.release()
+        except ProxyError as exc:
+            problem = exc.message
+        finally:
+            attempt.read_stream(observer)
+            answered = not problem and attempt.answered and attempt.output_tokens > 1
+            attempt.end("ok" if answered else "rejected")
+            attempt.settle(self._pool.load_area(name))
+            # a failed probe teaches nothing; the next round tries again
+            result = attempt.result() if answered else RequestResult("rejected")
+            self._pool.release(name, result)
+        if not answered:
+            log.warning("calibrating backend %s failed: %s", name,
+                        problem or "the stream ended early")
+            return
+        self._done.add(name)
+        log.info("calibrated backend %s: TTFT %.3f s for %d prompt tokens, %.1f tok/s from "
+                 "one stream", name, attempt.ttft_s or 0.0, attempt.prompt_tokens,
+                 (attempt.output_tokens - 1) / (result.decode_s or 1.0))

@@ -1,0 +1,91 @@
+"""Calibration (proxy/calibrate.py): before a proxy serves, each backend has had one short
+measured request, learned as a routed one would be; a backend that fails its probe or
+comes up later is calibrated in a later round; probes are not client requests."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from loadgen.local import free_port
+from tests.conftest import Launcher, backend
+from tests.probes import gauges, sdk, wait_for
+from tests.processes import Server
+
+TOKENS = 16
+
+
+def views(proxy: Server) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {b["name"]: b for b in proxy.get("/admin/backends")["backends"]}
+
+
+def test_every_backend_is_measured_before_the_proxy_serves(launch: Launcher) -> None:
+    llama = launch.emulator("llamacpp", "llamacpp-q4km", speed=4, model="m")
+    vllm = launch.emulator("vllm", "vllm-fp8-aiter", speed=4, model="m")
+    proxy = launch.proxy([backend("llama", llama, kind="llamacpp", models=["m"]),
+                          backend("vllm", vllm, kind="vllm", models=["m"])],
+                         routing={"calibrate_tokens": TOKENS})
+    seen = views(proxy)  # the first answer the proxy gives: calibration came before it
+    for name in ("llama", "vllm"):
+        view = seen[name]
+        assert view["completed"] == 1 and view["in_flight"] == 0, view
+        [(concurrency, rate)] = view["throughput_curve"]
+        assert concurrency == 1 and rate > 0
+        assert view["ttft_curve"][0][0] == 1 and view["prefill_chars_per_s"] > 0
+        assert view["mean_uncached_chars"] > 0
+    # measured, not assumed: the emulators' single streams, at --speed 4, in profile units
+    assert seen["llama"]["throughput_curve"][0][1] / 4 == pytest.approx(114, rel=0.25)
+    assert seen["vllm"]["throughput_curve"][0][1] / 4 == pytest.approx(121, rel=0.25)
+    # llama.cpp prefills 5,555 tokens/s, vLLM 40,000 in these profiles
+    assert seen["vllm"]["prefill_chars_per_s"] > 2 * seen["llama"]["prefill_chars_per_s"]
+    # each engine answered exactly one request, of the calibration's size
+    assert gauges(llama)["llamacpp:tokens_predicted_total"] == TOKENS
+    assert gauges(vllm)["vllm:generation_tokens_total"] == TOKENS
+    assert gauges(vllm)["vllm:request_success_total"] == 1
+    assert "sluiceway_requests_total{" not in httpx.get(proxy.url + "/metrics").text
+    assert "calibrated backend llama" in proxy.output()
+    # and the proxy serves
+    reply = sdk(proxy).chat.completions.create(
+        model="m", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert reply.usage is not None and reply.usage.completion_tokens == 4
+
+
+def test_a_failed_probe_is_retried_and_teaches_nothing(launch: Launcher) -> None:
+    up = launch.upstream("up", model="m")
+    up.post("/_control", {"fail_status": 500, "fail_count": 1})
+    proxy = launch.proxy([backend("up", up, models=["m"])],
+                         routing={"calibrate_tokens": TOKENS},
+                         health={"interval_s": 0.3, "timeout_s": 1})
+    first = views(proxy)["up"]
+    assert first["completed"] == 0 and first["throughput_curve"] == [] and first["failed"] == 0
+    assert first["in_flight"] == 0  # the slot the probe took is free again
+    assert "calibrating backend up failed: HTTP 500" in proxy.output()
+    wait_for(lambda: views(proxy)["up"]["completed"] == 1, timeout_s=15)  # the next round
+    assert up.get("/_stats")["requests"] == 2
+    body = up.get("/_stats")["last_body"]
+    assert body["max_tokens"] == TOKENS and body["stream"] is True
+    assert "ignore_eos" not in body  # an "openai" backend may refuse unknown fields
+    time.sleep(1.0)  # later rounds leave a calibrated backend alone
+    assert up.get("/_stats")["requests"] == 2
+
+
+def test_a_backend_that_comes_up_later_is_calibrated_then(launch: Launcher) -> None:
+    port = free_port()
+    proxy = launch.proxy([backend("late", f"http://127.0.0.1:{port}", kind="vllm",
+                                  models=["m"])],
+                         routing={"calibrate_tokens": TOKENS},
+                         health={"interval_s": 0.3, "timeout_s": 1})
+    assert views(proxy)["late"]["completed"] == 0
+    launch.emulator("vllm", "vllm-fp8", speed=4, model="m", port=port)
+    wait_for(lambda: views(proxy)["late"]["completed"] == 1, timeout_s=30)
+    assert views(proxy)["late"]["throughput_curve"][0][0] == 1
+
+
+def test_calibration_off_sends_nothing(launch: Launcher) -> None:
+    up = launch.upstream("up", model="m")
+    proxy = launch.proxy([backend("up", up, models=["m"])], routing={"calibrate_tokens": 0})
+    assert views(proxy)["up"]["completed"] == 0
+    time.sleep(1.0)
+    assert up.get("/_stats")["requests"] == 0

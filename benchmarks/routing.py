@@ -346,7 +346,9 @@ def real_pool(args: argparse.Namespace) -> None:
                                     REAL_WORKLOAD)
                    for name, url in singles.items()}
         backends = [("llama-server", "llamacpp", llama_url), ("vllm", "vllm", vllm_url)]
-        for policy in REAL_POLICIES:
+        policies = (REAL_POLICIES if args.policies == ",".join(POLICIES)
+                    else args.policies.split(","))
+        for policy in policies:
             results[policy] = cold_sweep(
                 policy, levels, args.per_c, 1.0,
                 lambda p=policy: fleet.proxy(backends, p, model=REAL_WORKLOAD.model),

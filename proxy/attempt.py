@@ -89,10 +89,9 @@ class Attempt:
     def prefilled_chars(self) -> float | None:
         """The part of the body the backend had to prefill (not cached), in body bytes;
         None when too little was prefilled for its time to say much."""
-        uncached = self.prompt_tokens - self.cached_tokens
-        if self.prompt_tokens <= 0 or uncached < MIN_PREFILL_TOKENS:
-            return None
-        return self.prompt_chars * uncached / self.prompt_tokens
+        if self.prompt_tokens - self.cached_tokens < MIN_PREFILL_TOKENS:
+            return None  # also when no token counts came (prompt_tokens 0)
+        return self.uncached_chars
 
     @property
     def uncached_chars(self) -> float:

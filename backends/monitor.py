@@ -35,6 +35,10 @@ class Monitor:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
 
+    def configure(self, interval_s: float, timeout_s: float) -> None:
+        """New probe interval and timeout, from the next round on (a reload)."""
+        self._interval_s, self._timeout_s = interval_s, timeout_s
+
     async def run(self) -> None:
         """Probe forever; the gateway cancels this task at shutdown."""
         while True:

@@ -3,12 +3,16 @@
 The proxy keeps its own in-flight count per backend; it is the primary load signal
 (scraped engine gauges lag by seconds). Every mutation drops the cached snapshot and tells
 the listeners (the admission queue), so waiting requests are reconsidered at once.
+
+The set of backends can change while requests are in flight (the admin plane, a reload):
+a drained backend takes no new requests; a removed one is drained and leaves the pool
+when its last request ends, so every acquired slot is released on the state it came from.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from time import perf_counter
 
 from backends.config import BackendConfig
@@ -25,11 +29,7 @@ class Pool:
     def __init__(self, configs: Iterable[BackendConfig]) -> None:
         self._states: dict[str, BackendState] = {}
         for index, config in enumerate(configs):
-            key = os.environ.get(config.api_key_env) if config.api_key_env else None
-            self._states[config.name] = BackendState(
-                config=config, adapter=ADAPTERS[config.kind], index=index, upstream_key=key,
-                tls=client_context(config),
-            )
+            self._states[config.name] = _new_state(config, index)
         self._snapshot: PoolSnapshot | None = None
         self._listeners: list[Listener] = []
 
@@ -39,8 +39,17 @@ class Pool:
     def __getitem__(self, name: str) -> BackendState:
         return self._states[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
 
     def snapshot(self) -> PoolSnapshot:
         if self._snapshot is None:
@@ -74,21 +83,79 @@ class Pool:
         state.advance_area(perf_counter())
         state.in_flight -= 1
         state.stats.record(result)
+        if state.removing and state.in_flight == 0:
+            del self._states[name]
         self._changed()
 
     def set_health(self, name: str, health: Health, detail: str = "") -> None:
-        state = self._states[name]
-        if state.health is health and state.health_detail == detail:
+        state = self._states.get(name)  # None: removed while it was being probed
+        if state is None or (state.health is health and state.health_detail == detail):
             return
         state.health, state.health_detail = health, detail
         self._changed()
 
     def set_discovered(self, name: str, discovered: Discovered) -> None:
-        self._states[name].discovered = discovered
+        state = self._states.get(name)
+        if state is not None:
+            state.discovered = discovered
+            self._changed()
+
+    def set_draining(self, name: str, draining: bool) -> None:
+        """Drained: no new requests are routed there; those in flight finish."""
+        state = self._states[name]
+        if state.removing and not draining:
+            raise ValueError(f"backend {name} is being removed")
+        state.draining = draining
+        self._changed()
+
+    def add(self, config: BackendConfig, draining: bool = False) -> BackendState:
+        """A new backend, last in the tie-break order; unknown health until probed."""
+        if config.name in self._states:
+            raise ValueError(f"a backend named {config.name} exists already")
+        index = max((s.index for s in self._states.values()), default=-1) + 1
+        state = self._states[config.name] = _new_state(config, index)
+        state.draining = draining
+        self._changed()
+        return state
+
+    def reorder(self, names: Sequence[str]) -> None:
+        """Tie-break order as in the configuration; backends on their way out go last."""
+        position = {name: i for i, name in enumerate(names)}
+        for state in self._states.values():
+            state.index = position.get(state.name, len(names) + state.index)
+        self._changed()
+
+    def remove(self, name: str) -> bool:
+        """Drain the backend and drop it once nothing is in flight there; True when it is
+        gone now, False when it leaves with its last request."""
+        state = self._states[name]
+        state.draining = state.removing = True
+        if state.in_flight == 0:
+            del self._states[name]
+        self._changed()
+        return name not in self._states
+
+    def reconfigure(self, config: BackendConfig) -> None:
+        """Apply a changed `[[backends]]` entry to the live state. Requests in flight keep
+        their slots; what was learned is kept unless the backend is another server now
+        (a new URL or engine kind), which starts from scratch."""
+        state = self._states[config.name]
+        fresh = _new_state(config, state.index)
+        if state.config.url != config.url or state.config.kind != config.kind:
+            state.health, state.health_detail = fresh.health, fresh.health_detail
+            state.discovered, state.stats = fresh.discovered, fresh.stats
+        state.config, state.adapter = config, fresh.adapter
+        state.upstream_key, state.tls = fresh.upstream_key, fresh.tls
         self._changed()
 
     def _changed(self, notify: bool = True) -> None:
         self._snapshot = None
         if notify:
-            for listener in self._listeners:
+            for listener in tuple(self._listeners):
                 listener()
+
+
+def _new_state(config: BackendConfig, index: int) -> BackendState:
+    key = os.environ.get(config.api_key_env) if config.api_key_env else None
+    return BackendState(config=config, adapter=ADAPTERS[config.kind], index=index,
+                        upstream_key=key, tls=client_context(config))

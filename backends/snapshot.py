@@ -42,10 +42,11 @@ class BackendSnapshot:
     mean_output_tokens: float | None = None
     prefill_chars_per_s: float | None = None  # learned; see BackendStats
     mean_uncached_chars: float | None = None  # the prompts behind the TTFT curve
+    draining: bool = False  # taken out of rotation by an operator: finishes, takes nothing
 
     @property
     def routable(self) -> bool:
-        return self.health.routable
+        return self.health.routable and not self.draining
 
     @property
     def has_room(self) -> bool:

@@ -35,6 +35,8 @@ class BackendState:
     health: Health = Health.UNKNOWN
     health_detail: str = ""
     in_flight: int = 0
+    draining: bool = False  # no new requests (admin drain, or on the way out)
+    removing: bool = False  # leaves the pool when its last request ends
     discovered: Discovered = field(default_factory=Discovered)
     stats: BackendStats = field(default_factory=BackendStats)
     load_area: float = 0.0  # integral of in_flight over time (request-seconds)
@@ -72,6 +74,7 @@ class BackendState:
             index=self.index,
             kind=self.config.kind.value,
             health=self.health,
+            draining=self.draining,
             capacity=self.capacity,
             in_flight=self.in_flight,
             models=frozenset(self.models),

@@ -41,6 +41,11 @@ class Admission:
         self._waiters: deque[_Waiter] = deque()
         pool.subscribe(self._dispatch)
 
+    def configure(self, policy: Policy, queue_size: int, timeout_s: float) -> None:
+        """Settings for decisions from now on (a reload); waiters keep their deadlines."""
+        self._policy, self._queue_size, self._timeout_s = policy, queue_size, timeout_s
+        self._dispatch()
+
     @property
     def depth(self) -> int:
         return len(self._waiters)

@@ -7,16 +7,21 @@ path, and the few other routes are small enough not to need a framework.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
 import os
 import signal
+from collections.abc import Callable
 from time import perf_counter
 
 import orjson
 
 from proxy import routes
+from proxy.admin.actions import ActionError, Actions
+from proxy.admin.app import make_app as make_admin_app
+from proxy.admin.server import AdminServer
 from proxy.attempt import Attempt
 from proxy.errors import (
     ProxyError,
@@ -40,10 +45,13 @@ _PUBLIC = frozenset({"/health", "/ready", "/metrics"})
 _JSON = (b"content-type", b"application/json")
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+async def serve(settings: Settings, stop: asyncio.Event | None = None,
+                reread: Callable[[], Settings] | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM (or `stop`): start the gateway (backends
-    probed before the port opens), serve, then drain requests in progress and stop."""
+    probed before the port opens), serve, then drain requests in progress and stop.
+    `reread` reads the config file again, for SIGHUP and the admin plane's reload."""
     gateway = await Gateway.start(settings)
+    admin: AdminServer | None = None
     try:
         app = App(settings, gateway)
         server = HttpServer(app.handle, max_body=app.body_limit)
@@ -51,20 +59,44 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("sluiceway listening on http://%s:%d (policy %s, %d backends)",
                  settings.server.host, server.ports[0], gateway.policy.name,
                  len(settings.backends))
+        actions = Actions(gateway, reread)
+        if settings.admin is not None:
+            admin = AdminServer(make_admin_app(gateway, settings.admin, actions),
+                                settings.admin.host, settings.admin.port)
+            await admin.start()
+            log.info("admin plane on http://%s:%d", settings.admin.host, admin.port)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[object]] = set()
+
+        def hangup() -> None:
+            task = loop.create_task(_reload_quietly(actions))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         try:
             await stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         log.info("shutting down: finishing requests in progress (up to %g s)",
                  settings.server.shutdown_grace_s)
         await server.shutdown(settings.server.shutdown_grace_s)
+        for task in reloads:
+            task.cancel()
     finally:
+        if admin is not None:
+            await admin.stop()
         await gateway.stop()
+
+
+async def _reload_quietly(actions: Actions) -> None:
+    """SIGHUP: reload; a rejected file is logged (by `Actions`) and changes nothing."""
+    with contextlib.suppress(ActionError):
+        await actions.reload("SIGHUP")
 
 
 class App:

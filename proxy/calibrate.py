@@ -68,22 +68,18 @@ class Calibrator:
     def __init__(self, pool: Pool, upstream: Upstream, tokens: int) -> None:
         self._pool = pool
         self._upstream = upstream
-        self._tokens = tokens
+        self.tokens = tokens  # a reload may change it; 0 turns calibration off
         self._nonce = secrets.token_hex(6)
-        self._done: set[str] = set()
 
     def due(self, state: BackendState) -> bool:
-        if self._tokens <= 0 or state.name in self._done:
-            return False
-        if state.stats.curve.samples:  # traffic has taught it already
-            self._done.add(state.name)
-            return False
-        return (state.health is Health.HEALTHY and state.in_flight == 0
+        """Not yet measured (by a probe or by traffic), up, idle, and not being removed."""
+        return (self.tokens > 0 and not state.stats.curve.samples and not state.removing
+                and state.health is Health.HEALTHY and state.in_flight == 0
                 and state.served_model is not None)
 
     async def round(self) -> None:
         """Calibrate every backend that is due, one at a time, each within TIMEOUT_S."""
-        for state in self._pool:
+        for state in list(self._pool):  # the pool may change while a probe runs
             if self.due(state):
                 try:
                     async with asyncio.timeout(TIMEOUT_S):
@@ -95,7 +91,7 @@ class Calibrator:
     async def calibrate(self, state: BackendState) -> None:
         name, model = state.name, state.served_model
         assert model is not None
-        body = probe_body(model, state.config.kind, self._tokens, self._nonce)
+        body = probe_body(model, state.config.kind, self.tokens, self._nonce)
         headers = {"content-type": "application/json"}
         if state.upstream_key:
             headers["authorization"] = f"Bearer {state.upstream_key}"
@@ -135,7 +131,6 @@ class Calibrator:
             log.warning("calibrating backend %s failed: %s", name,
                         problem or "the stream ended early")
             return
-        self._done.add(name)
         log.info("calibrated backend %s: TTFT %.3f s for %d prompt tokens, %.1f tok/s from "
                  "one stream", name, attempt.ttft_s or 0.0, attempt.prompt_tokens,
                  (attempt.output_tokens - 1) / (result.decode_s or 1.0))

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from proxy.app import serve
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import ConfigError, Settings, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,23 +51,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
+    def read() -> Settings:
+        """The config file with the command line's overrides (again on every reload)."""
         settings = load_settings(args.config)
+        if args.host is None and args.port is None:
+            return settings
+        server = settings.server.model_copy(update={
+            k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
+        })
+        return settings.model_copy(update={"server": server})
+
+    try:
+        settings = read()
     except ConfigError as exc:
         print(f"sluiceway: {exc}", file=sys.stderr)
         return 2
-    server = settings.server
-    if args.host is not None or args.port is not None:
-        server = server.model_copy(update={
-            k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
-        })
-        settings = settings.model_copy(update={"server": server})
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, reread=read))
     return 0
 
 

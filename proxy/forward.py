@@ -43,7 +43,7 @@ class Forwarder:
         self._admission = admission
         self._upstream = upstream
         self._metrics = metrics
-        self._max_attempts = max_attempts
+        self.max_attempts = max_attempts  # a reload may change it
 
     async def forward(self, request: ClientRequest, reply: Reply, attempts: list[Attempt]) -> None:
         """Serve the request, appending each try to `attempts` (the last one answered).
@@ -51,7 +51,7 @@ class Forwarder:
         Raises ProxyError when the client has not been answered and must get an error.
         """
         last_error: ProxyError | None = None
-        for _ in range(self._max_attempts):
+        for _ in range(self.max_attempts):
             route = request.route
             if attempts:
                 route = replace(route, exclude=frozenset(a.backend for a in attempts))

@@ -422,12 +422,20 @@ class H1Client:
 
     def __init__(self, connect_timeout_s: float, keepalive_s: float = 60.0,
                  tls: Mapping[tuple[str, str, int], ssl.SSLContext] | None = None) -> None:
-        self._connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._tls_by_origin = dict(tls or {})  # per-backend trust (backends/tls.py)
         self._tls: ssl.SSLContext | None = None  # the system's, for any other origin
+
+    def trust(self, origin: tuple[str, str, int], context: ssl.SSLContext | None) -> None:
+        """Use `context` for `origin` from now on (a backend added or changed at run time);
+        None returns that origin to the system's trust store."""
+        if context is None:
+            self._tls_by_origin.pop(origin, None)
+        else:
+            self._tls_by_origin[origin] = context
 
     async def request(self, target: Target, body: bytes, headers: Mapping[str, str],
                       fresh: bool = False) -> Response:
@@ -512,13 +520,13 @@ class H1Client:
                     self._tls = ssl.create_default_context()
                 tls = self._tls
         try:
-            async with asyncio.timeout(self._connect_timeout_s):
+            async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self, target.origin), target.host, target.port,
                     ssl=tls, server_hostname=target.host if tls else None,
                 )
         except TimeoutError:
-            raise ConnectFailed(f"connect timeout ({self._connect_timeout_s:g} s)") from None
+            raise ConnectFailed(f"connect timeout ({self.connect_timeout_s:g} s)") from None
         except OSError as exc:
             raise ConnectFailed(f"{type(exc).__name__}: {exc.strerror or exc}") from None
         return conn

@@ -93,6 +93,11 @@ class Metrics:
             "and were retried on another backend, by the backend that failed.",
             ["backend"], registry=r,
         ))
+        self.admin_actions = _Children(Counter(
+            "sluiceway_admin_actions", "Changes made through the admin plane or SIGHUP, by "
+            "action and result (ok, rejected, not_found, conflict).",
+            ["action", "result"], registry=r,
+        ))
         r.register(_LiveState(pool, queue_depth))
 
     def render(self) -> bytes:
@@ -116,6 +121,11 @@ class _LiveState(Collector):
             "sluiceway_backend_healthy", "1 when the last probe found the backend ready.",
             labels=["backend"],
         )
+        draining = GaugeMetricFamily(
+            "sluiceway_backend_draining", "1 while an operator has the backend drained (or "
+            "it is being removed): requests in flight finish, no new ones go there.",
+            labels=["backend"],
+        )
         kv_cache = GaugeMetricFamily(
             "sluiceway_backend_kv_cache_usage", "The engine's KV-cache fill, 0-1, as scraped "
             "from its /metrics (vLLM); absent where not published.", labels=["backend"],
@@ -127,9 +137,11 @@ class _LiveState(Collector):
             if state.capacity is not None:
                 capacity.add_metric([state.name], state.capacity)
             healthy.add_metric([state.name], 1.0 if state.health is Health.HEALTHY else 0.0)
+            draining.add_metric([state.name], 1.0 if state.draining else 0.0)
         yield in_flight
         yield capacity
         yield healthy
+        yield draining
         yield kv_cache
         yield GaugeMetricFamily(
             "sluiceway_queue_depth", "Requests waiting for a backend with room.",

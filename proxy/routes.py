@@ -9,6 +9,7 @@ import orjson
 
 from backends.pool import Pool
 from backends.snapshot import Health
+from backends.state import BackendState
 
 _STARTED = int(time.time())
 
@@ -28,38 +29,47 @@ def models(pool: Pool) -> bytes:
 
 
 def ready(pool: Pool) -> tuple[int, bytes]:
-    healthy = [s.name for s in pool if s.health is Health.HEALTHY]
+    """Ready while some backend is healthy and not drained (one that is drained finishes
+    what it has but takes nothing new)."""
+    healthy = [s.name for s in pool if s.health is Health.HEALTHY and not s.draining]
+    draining = [s.name for s in pool if s.draining]
     status = 200 if healthy else 503
-    return status, orjson.dumps({"ready": bool(healthy), "healthy_backends": healthy})
+    return status, orjson.dumps({"ready": bool(healthy), "healthy_backends": healthy,
+                                 "draining_backends": draining})
 
 
 def admin_backends(pool: Pool, policy: str, queue_depth: int) -> bytes:
-    backends = []
-    for s in pool:
-        backends.append({
-            "name": s.name,
-            "kind": s.config.kind.value,
-            "url": s.config.base_url,
-            "models": list(s.models),
-            "served_model": s.served_model,
-            "health": s.health.value,
-            "health_detail": s.health_detail,
-            "capacity": s.capacity,
-            "capacity_source": "config" if s.config.max_concurrency else (
-                "discovered" if s.discovered.capacity else None
-            ),
-            "in_flight": s.in_flight,
-            "upstream_running": s.discovered.running,
-            "upstream_waiting": s.discovered.waiting,
-            "kv_cache_usage": s.discovered.kv_cache_usage,
-            "max_model_len": s.discovered.max_model_len,
-            "ttft_s": s.stats.ttft_s.value,
-            "decode_tok_s": s.stats.decode_tok_s.value,
-            "prefill_chars_per_s": s.stats.prefill_chars_per_s.value,
-            "mean_uncached_chars": s.stats.uncached_chars.value,
-            "throughput_curve": [list(p) for p in s.stats.curve.throughput_points()],
-            "ttft_curve": [list(p) for p in s.stats.curve.ttft_points()],
-            "completed": s.stats.completed,
-            "failed": s.stats.failed,
-        })
+    backends = [backend_view(s) for s in pool]
     return orjson.dumps({"policy": policy, "queue_depth": queue_depth, "backends": backends})
+
+
+def backend_view(s: BackendState) -> dict[str, Any]:
+    """One backend as `/admin/backends` shows it, on either plane."""
+    return {
+        "name": s.name,
+        "kind": s.config.kind.value,
+        "url": s.config.base_url,
+        "models": list(s.models),
+        "served_model": s.served_model,
+        "health": s.health.value,
+        "health_detail": s.health_detail,
+        "draining": s.draining,
+        "removing": s.removing,
+        "capacity": s.capacity,
+        "capacity_source": "config" if s.config.max_concurrency else (
+            "discovered" if s.discovered.capacity else None
+        ),
+        "in_flight": s.in_flight,
+        "upstream_running": s.discovered.running,
+        "upstream_waiting": s.discovered.waiting,
+        "kv_cache_usage": s.discovered.kv_cache_usage,
+        "max_model_len": s.discovered.max_model_len,
+        "ttft_s": s.stats.ttft_s.value,
+        "decode_tok_s": s.stats.decode_tok_s.value,
+        "prefill_chars_per_s": s.stats.prefill_chars_per_s.value,
+        "mean_uncached_chars": s.stats.uncached_chars.value,
+        "throughput_curve": [list(p) for p in s.stats.curve.throughput_points()],
+        "ttft_curve": [list(p) for p in s.stats.curve.ttft_points()],
+        "completed": s.stats.completed,
+        "failed": s.stats.failed,
+    }

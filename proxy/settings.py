@@ -66,6 +66,14 @@ class TimeoutSettings(_Section):
     idle_s: PositiveFloat = 120
 
 
+class AdminSettings(_Section):
+    """The admin plane (proxy/admin/): on when the `[admin]` section is present."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9000
+    api_keys: tuple[str, ...] = ()  # its own keys, apart from the data plane's
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SLUICEWAY_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -75,6 +83,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = RoutingSettings()
     health: HealthSettings = HealthSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
+    admin: AdminSettings | None = None  # off unless configured
     backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
 
     @field_validator("backends")
@@ -110,10 +119,11 @@ def load_settings(path: str | Path) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid configuration\n{_explain(exc)}") from exc
+        raise ConfigError(f"{path}: invalid configuration\n{explain(exc)}") from exc
 
 
-def _explain(exc: ValidationError) -> str:
+def explain(exc: ValidationError) -> str:
+    """Validation errors as lines of `  key.path: problem`."""
     lines = []
     errors = exc.errors()
     for error in errors:

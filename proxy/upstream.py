@@ -120,6 +120,16 @@ class Upstream:
         self._timeouts = timeouts
         self._targets: dict[str, Target] = {}  # parsed once: backends x endpoints, a few dozen
 
+    def configure(self, timeouts: TimeoutSettings) -> None:
+        """New timeouts for requests sent from now on (a reload)."""
+        self._timeouts = timeouts
+        self._client.connect_timeout_s = timeouts.connect_s
+
+    def trust(self, state: BackendState) -> None:
+        """Use the backend's own TLS settings for its origin (a backend added or changed at
+        run time; those known at start are given to `make_client`)."""
+        self._client.trust(parse_url(state.config.base_url).origin, state.tls)
+
     def _target(self, url: str) -> Target:
         target = self._targets.get(url)
         if target is None:

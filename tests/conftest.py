@@ -71,6 +71,7 @@ class Launcher:
         config = write_config(self.workdir / f"proxy-{port}.toml", sections, backends)
         server = Server(["-m", "proxy.cli", "serve", "--config", str(config), "--port",
                          str(port)], port, self.workdir / f"proxy-{port}.log")
+        server.config = config
         self.servers.append(server)
         return server.wait_listening()
 

@@ -27,6 +27,7 @@ class Server:
                  program: str = sys.executable, env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.config: Path | None = None  # its config file, where it has one
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(

@@ -1,0 +1,66 @@
+"""The admin plane's request and response bodies (they make its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class BackendView(BaseModel):
+    """One backend: its configuration, live state and what sluiceway learned of it."""
+
+    name: str
+    kind: str
+    url: str
+    models: list[str]
+    served_model: str | None
+    health: str
+    health_detail: str
+    draining: bool
+    removing: bool
+    capacity: int | None
+    capacity_source: str | None
+    in_flight: int
+    upstream_running: int | None
+    upstream_waiting: int | None
+    kv_cache_usage: float | None
+    max_model_len: int | None
+    ttft_s: float | None
+    decode_tok_s: float | None
+    prefill_chars_per_s: float | None
+    mean_uncached_chars: float | None
+    throughput_curve: list[tuple[int, float]]  # (concurrency, aggregate output tok/s)
+    ttft_curve: list[tuple[int, float]]  # (concurrency, TTFT s)
+    completed: int
+    failed: int
+
+
+class PoolView(BaseModel):
+    policy: str
+    queue_depth: int
+    backends: list[BackendView]
+
+
+class Removal(BaseModel):
+    name: str
+    removed: bool  # False: drained, and it leaves when its last request ends
+    in_flight: int
+
+
+class ReloadResult(BaseModel):
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    routing: bool
+    health: bool
+    timeouts: bool
+    restart_needed: list[str]  # sections that changed but take a restart
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class ErrorReply(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,2 @@
+"""placeholder"""
+PAGE = "<!doctype html><title>sluiceway</title>"

@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint typecheck llama-server vllm overhead crosscheck clean
+.PHONY: install demo demo-quick test lint typecheck llama-server vllm container-base \
+	debian-tools overhead crosscheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +47,16 @@ llama-server: $(STAMP)
 vllm: $(STAMP)
 	$(BIN)/python -m tests.realvllm.build
 
-test: $(STAMP) typecheck llama-server vllm
+# podman, runc, mmdebstrap and a Debian base image for building the Dockerfile without a
+# registry, cached under ~/.cache/sluiceway (see tests/container/base.py): ~1 min once.
+container-base: $(STAMP)
+	$(BIN)/python -m tests.container.base
+
+# Chromium (the admin page's test) and promtool (the /metrics check), from Debian.
+debian-tools: $(STAMP)
+	$(BIN)/python -m tests.debian_tools
+
+test: $(STAMP) typecheck llama-server vllm container-base debian-tools
 	$(BIN)/pytest
 
 clean:

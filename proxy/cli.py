@@ -25,6 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
+    health = commands.add_parser(
+        "health", help="exit 0 when the proxy of this config answers /health (a container "
+        "HEALTHCHECK that needs no curl)")
+    health.add_argument("--config", required=True, metavar="PATH", help="TOML config file")
+    health.add_argument("--timeout-s", type=float, default=3.0)
+    health.set_defaults(run=_health)
 
     from emulator import cli as emulate_cli
     from loadgen import cli as bench_cli
@@ -73,6 +79,27 @@ def _serve(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve(settings, reread=read))
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        server = load_settings(args.config).server
+    except ConfigError as exc:
+        print(f"sluiceway: {exc}", file=sys.stderr)
+        return 2
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host,
+                                                                     server.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{server.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout_s) as resp:
+            ok = resp.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"sluiceway: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -1,0 +1,18 @@
+"""Debian programs some tests drive: Chromium (the admin page) and promtool (/metrics).
+
+    python -m tests.debian_tools      # installs what is missing (apt-get, as root)
+"""
+
+from __future__ import annotations
+
+from tests.machine import ensure_debian_packages
+
+TOOLS = {"chromium": "chromium", "promtool": "prometheus"}
+
+
+def ensure() -> None:
+    ensure_debian_packages(TOOLS, "debian tools")
+
+
+if __name__ == "__main__":
+    ensure()

@@ -60,7 +60,7 @@ def container(image: str, launch: Launcher, tmp_path: Path) -> Iterator[dict[str
     }, [{"name": "vllm", "kind": "vllm", "url": f"http://{HOST_LOOPBACK}:{emulator.port}"}])
     config.chmod(0o644)
     name = f"sluiceway-test-{uuid.uuid4().hex[:8]}"
-    podman("run", "-d", "--name", name,
+    podman("run", "-d", "--name", name, "--read-only",  # as deploy/k8s runs it
            "--network", "slirp4netns:allow_host_loopback=true",
            "-p", f"127.0.0.1:{port}:8000", "-p", f"127.0.0.1:{admin_port}:9000",
            "-v", f"{config}:/etc/sluiceway/config.toml:ro",

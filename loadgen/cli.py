@@ -166,7 +166,8 @@ def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]],
         report.write_json(args.json, results, {"sluiceway_bench": 1, "speed_scale": scale})
     if args.csv:
         report.write_csv(args.csv, results)
-    png = report.plot_png(results, scale) if (args.plot or args.html) else b""
+    png = report.plot_png(results, scale) \
+        if (args.plot or args.html) and report.can_plot() else b""
     if args.plot:
         args.plot.write_bytes(png)
     if args.html:
@@ -177,6 +178,9 @@ def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]],
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plot and not report.can_plot():  # before the run, not after it
+        print(f"sluiceway bench: --plot: {report.PLOT_MISSING}", file=sys.stderr)
+        return 2
     try:
         results = run_bench(args)
     except (ValueError, OSError, tomllib.TOMLDecodeError) as exc:

@@ -144,11 +144,14 @@ def run(args: argparse.Namespace) -> int:
     checks = verdict(results, speed)
     print("\n" + "\n".join(checks))
     report.write_json(out / "demo.json", results, {"sluiceway_demo": 1, "speed_scale": speed})
-    png = report.plot_png(results, scale=speed)
-    (out / "demo.png").write_bytes(png)
+    png = report.plot_png(results, scale=speed) if report.can_plot() else b""
+    if png:
+        (out / "demo.png").write_bytes(png)
+    else:
+        print(f"\nno demo.png: {report.PLOT_MISSING}")
     report.write_html(out / "demo.html", title, png,
                       [table, report.console(results, scale=speed), "\n".join(checks)])
-    print(f"\nwrote {out}/demo.json, demo.png, demo.html "
+    print(f"\nwrote {out}/demo.json, {'demo.png, ' if png else ''}demo.html "
           f"in {time.monotonic() - started:.0f} s")
     return 0
 

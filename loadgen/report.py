@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import importlib.util
 import io
 from collections.abc import Sequence
 from datetime import datetime
@@ -182,6 +183,15 @@ def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
             writer.writerow({k: r.get(k) for k in CSV_FIELDS})
 
 
+PLOT_MISSING = ("plots need matplotlib, which the container image leaves out: "
+                "pip install 'sluiceway[plot]'")
+
+
+def can_plot() -> bool:
+    """matplotlib is installed (the `plot` extra; `make install` has it)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_png(results: list[dict[str, Any]], scale: float = 1.0) -> bytes:
     """Output tok/s and mean TTFT against concurrency, one line per target."""
     import matplotlib
@@ -216,14 +226,16 @@ def plot_png(results: list[dict[str, Any]], scale: float = 1.0) -> bytes:
 
 
 def write_html(path: Path, title: str, png: bytes, text_tables: list[str]) -> None:
+    """The tables, under the plot when there is one (`png` empty: no plot)."""
     image = base64.b64encode(png).decode()
+    picture = (f"<img alt='throughput and TTFT' src='data:image/png;base64,{image}'>"
+               if png else "")
     blocks = "".join(f"<pre>{html.escape(t)}</pre>" for t in text_tables)
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}pre{background:#f6f6f6;"
         "padding:1em;overflow-x:auto}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><img alt='throughput and TTFT' "
-        f"src='data:image/png;base64,{image}'>{blocks}</body></html>",
+        f"<h1>{html.escape(title)}</h1>{picture}{blocks}</body></html>",
         encoding="utf-8",
     )

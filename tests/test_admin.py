@@ -277,3 +277,36 @@ def test_a_reload_under_load_drops_nothing_and_a_bad_file_changes_nothing(
     assert m[("sluiceway_admin_actions_total", (("action", "reload"), ("result", "ok")))] == 1
     assert m[("sluiceway_admin_actions_total",
               (("action", "reload"), ("result", "rejected")))] == 1
+
+
+def test_a_reload_that_changes_a_backend_keeps_or_resets_what_was_learned(
+        launch: Launcher) -> None:
+    a = launch.upstream("a")
+    a2 = launch.upstream("a2")
+    proxy, admin = admin_proxy(launch, [backend("a", a, models=["m"], max_concurrency=4)])
+    assert proxy.config is not None
+    for _ in range(3):
+        assert complete(stream(proxy, 4), 4)
+    learned = admin.backends()["a"]
+    assert learned["completed"] == 3 and learned["throughput_curve"]
+    admin_section = {"port": int(admin.url.rsplit(":", 1)[1])}
+    sections = {"health": {"interval_s": 0.5, "timeout_s": 1},
+                "routing": {"calibrate_tokens": 0}, "admin": admin_section}
+    # the same server with another cap: what was learned stays
+    write_config(proxy.config, sections, [backend("a", a, models=["m"], max_concurrency=2)])
+    assert admin.call("POST", "/admin/reload").json()["changed"] == ["a"]
+    view = admin.backends()["a"]
+    assert view["capacity"] == 2 and view["completed"] == 3
+    assert view["throughput_curve"] == learned["throughput_curve"]
+    # another server under the same name: it starts from scratch, and takes the traffic
+    write_config(proxy.config, sections, [backend("a", a2, models=["m"])])
+    assert admin.call("POST", "/admin/reload").json()["changed"] == ["a"]
+    view = admin.backends()["a"]
+    assert view["url"] == a2.url and view["completed"] == 0 and view["throughput_curve"] == []
+    wait_for(lambda: admin.backends()["a"]["health"] == "healthy")
+    assert complete(stream(proxy, 4), 4)
+    assert a2.get("/_stats")["requests"] == 1 and a.get("/_stats")["requests"] == 3
+    # a change to [server] is reported, and waits for a restart
+    write_config(proxy.config, {**sections, "server": {"max_body_mb": 1}},
+                 [backend("a", a2, models=["m"])])
+    assert admin.call("POST", "/admin/reload").json()["restart_needed"] == ["server"]

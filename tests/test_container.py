@@ -128,3 +128,11 @@ def test_the_image_serves_and_drains_a_stream_on_stop(container: dict[str, objec
     assert any('"status":200,"outcome":"ok"' in line and '"output_tokens":300' in line
                for line in logs.splitlines())
     log("container", f"podman stop waited {took:.1f} s for the stream")
+
+
+def test_the_image_leaves_plots_out_and_says_how_to_get_them(image: str) -> None:
+    result = podman("run", "--rm", "--read-only", image, "bench", "--url",
+                    "http://127.0.0.1:9", "--plot", "/tmp/x.png", check=False)
+    assert result.returncode == 2
+    assert "pip install 'sluiceway[plot]'" in result.stderr
+    assert podman("run", "--rm", image, "--help", check=False).returncode == 0

@@ -47,7 +47,7 @@ def serve_traffic(launch: Launcher) -> Server:
     admin_port = free_port()
     proxy = launch.proxy([backend("good", good, kind="llamacpp", models=["m"]),
                           backend("flaky", flaky, models=["m"])],
-                         admin={"port": admin_port})
+                         admin={"port": admin_port}, routing={"policy": "round_robin"})
     flaky.post("/_control", {"fail_status": 500, "fail_count": 2})
     body = {"model": "m", "max_tokens": 8, "stream": True,
             "messages": [{"role": "user", "content": "hi"}]}

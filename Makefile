@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-quick test lint typecheck llama-server vllm container-base \
-	debian-tools overhead crosscheck clean
+	debian-tools agents overhead crosscheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,12 @@ container-base: $(STAMP)
 debian-tools: $(STAMP)
 	$(BIN)/python -m tests.debian_tools
 
-test: $(STAMP) typecheck llama-server vllm container-base debian-tools
+# The real coding-agent CLIs (Codex CLI, Claude Code, opencode), pinned, from npm, cached
+# under ~/.cache/sluiceway (see tests/agents/install.py): ~1.2 GB, ~30 s once.
+agents: $(STAMP)
+	$(BIN)/python -m tests.agents.install
+
+test: $(STAMP) typecheck llama-server vllm container-base debian-tools agents
 	$(BIN)/pytest
 
 clean:

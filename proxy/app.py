@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import itertools
 import logging
@@ -33,7 +34,7 @@ from proxy.errors import (
 )
 from proxy.gateway import Gateway
 from proxy.metrics import CONTENT_TYPE
-from proxy.request import ROUTED, Endpoint, parse
+from proxy.request import ROUTED, ClientRequest, Endpoint, parse
 from proxy.server import Headers, HttpServer, Reply, Request
 from proxy.settings import Settings
 
@@ -198,14 +199,14 @@ class App:
             else:
                 status, error = 499, "client closed the connection"
         self._log(request_id, endpoint, client_request.route.model, status, error, attempts,
-                  started)
+                  started, client_request)
 
     def _log(
         self, request_id: str, endpoint: Endpoint, model: str | None, status: int, error: str,
-        attempts: list[Attempt], started: float,
+        attempts: list[Attempt], started: float, request: ClientRequest | None = None,
     ) -> None:
         if self.settings.server.access_log:
-            _log(request_id, endpoint, model, status, error, attempts, started)
+            _log(request_id, endpoint, model, status, error, attempts, started, request)
 
 
 _METRICS_TYPE = CONTENT_TYPE.encode()
@@ -219,7 +220,7 @@ def _respond_error(reply: Reply, error: ProxyError, id_header: tuple[bytes, byte
 
 def _log(
     request_id: str, endpoint: Endpoint, model: str | None, status: int, error: str,
-    attempts: list[Attempt], started: float,
+    attempts: list[Attempt], started: float, request: ClientRequest | None,
 ) -> None:
     last = attempts[-1] if attempts else None
     ttft = last.ttft_s if last else None
@@ -236,6 +237,11 @@ def _log(
         "output_tokens": last.output_tokens if last else 0,
         "duration_ms": round((perf_counter() - started) * 1000, 1),
     }
+    if request is not None and request.affinity_source is not None:
+        # which session key routed it, and a digest of it (never the key itself)
+        key = request.route.affinity_key or ""
+        digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+        record["session"] = f"{request.affinity_source}:{digest}"
     if last and last.estimated:
         record["output_tokens_estimated"] = True  # the backend sent no usage
     if error:

@@ -41,7 +41,13 @@ _DROPPED = frozenset({
     b"transfer-encoding", b"te", b"trailer", b"upgrade", b"proxy-authorization",
     b"proxy-connection", b"accept-encoding", b"cookie", b"expect",
 })  # names as the server hands them over: lower-cased bytes
-_AFFINITY_HEADERS = (b"x-session-id", b"session_id", b"session-id", b"conversation_id")
+# Session keys, in the order they are looked for (see docs/policies.md, "Session
+# affinity"): headers the agents send (opencode, Claude Code, Codex, others), then body
+# fields, then a hash of the conversation's first messages.
+_AFFINITY_HEADERS = (
+    b"x-session-affinity", b"x-claude-code-session-id", b"x-session-id", b"session-id",
+    b"session_id", b"thread-id", b"conversation_id",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,7 @@ class ClientRequest:
     strip_usage: bool  # sluiceway asked the upstream for usage; the client did not
     headers: dict[str, str]  # what is forwarded upstream
     route: RouteRequest
+    affinity_source: str | None = None  # where the session key came from (access log)
 
     def body_for(self, served_model: str | None) -> bytes:
         """The body for one backend: its model name, and a usage request on streams."""
@@ -103,13 +110,14 @@ def parse(
     }
     forwarded["x-request-id"] = request_id
     forwarded["accept-encoding"] = "identity"
+    affinity_key, affinity_source = session_key(payload, headers)
     route = RouteRequest(
         endpoint=endpoint.name,
         model=model,
         stream=stream,
         max_tokens=max_tokens,
         prompt_chars=len(raw),
-        affinity_key=_affinity_key(payload, headers),
+        affinity_key=affinity_key,
     )
     return ClientRequest(
         endpoint=endpoint,
@@ -120,17 +128,30 @@ def parse(
         strip_usage=stream and endpoint.asks_usage and not client_wants_usage,
         headers=forwarded,
         route=route,
+        affinity_source=affinity_source,
     )
 
 
-def _affinity_key(payload: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> str | None:
-    for name, value in headers:
-        if name in _AFFINITY_HEADERS and value:
-            return value.decode("latin-1")
-    for field in ("prompt_cache_key", "user"):
-        key = payload.get(field)
-        if isinstance(key, str) and key:
-            return key
+def session_key(payload: dict[str, Any], headers: list[tuple[bytes, bytes]]
+                ) -> tuple[str | None, str | None]:
+    """(the request's session key, where it came from): the first of the session headers
+    present, `prompt_cache_key`, the `session_id` inside Anthropic's `metadata.user_id`
+    (Claude Code sends a JSON string there) or that string itself, `user`, else a hash of
+    the conversation's first messages."""
+    present = {name: value for name, value in headers if name in _AFFINITY_HEADERS and value}
+    for name in _AFFINITY_HEADERS:
+        if name in present:
+            return present[name].decode("latin-1"), name.decode()
+    key = payload.get("prompt_cache_key")
+    if isinstance(key, str) and key:
+        return key, "prompt_cache_key"
+    metadata = payload.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(user_id, str) and user_id:
+        return _session_in(user_id), "metadata.user_id"
+    user = payload.get("user")
+    if isinstance(user, str) and user:
+        return user, "user"
     # A conversation keeps its first messages (system prompt, first user turn) as it grows.
     start = payload.get("messages") or payload.get("input") or payload.get("prompt")
     if isinstance(start, list):
@@ -138,5 +159,18 @@ def _affinity_key(payload: dict[str, Any], headers: list[tuple[bytes, bytes]]) -
     elif isinstance(start, str):
         start = start[:2048]
     else:
-        return None
-    return "h:" + hashlib.blake2b(orjson.dumps(start), digest_size=8).hexdigest()
+        return None, None
+    return "h:" + hashlib.blake2b(orjson.dumps(start), digest_size=8).hexdigest(), "prefix"
+
+
+def _session_in(user_id: str) -> str:
+    """Claude Code's `metadata.user_id` is a JSON object in a string, with a `session_id`
+    (the same for every turn of a conversation); other clients send a plain id."""
+    if user_id.startswith("{"):
+        try:
+            inner = orjson.loads(user_id)
+        except orjson.JSONDecodeError:
+            return user_id
+        if isinstance(inner, dict) and isinstance(inner.get("session_id"), str):
+            return str(inner["session_id"])
+    return user_id

@@ -44,10 +44,12 @@ class Launcher:
         return server.wait_listening() if wait else server
 
     def llama_server(self, real: RealLlama, slots: int, wait: bool = True,
-                     metrics: bool = True, extra: tuple[str, ...] = ()) -> Server:
+                     metrics: bool = True, extra: tuple[str, ...] = (),
+                     ctx_per_slot: int = 2048) -> Server:
         """A real llama.cpp `llama-server` on the test model (see tests/realllama)."""
         port = free_port()
-        server = Server(server_args(real.model, port, slots, metrics=metrics, extra=extra), port,
+        server = Server(server_args(real.model, port, slots, ctx_per_slot=ctx_per_slot,
+                                    metrics=metrics, extra=extra), port,
                         self.workdir / f"llama-server-{port}.log", program=str(real.server))
         self.servers.append(server)
         return server.wait_listening() if wait else server

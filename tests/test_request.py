@@ -32,6 +32,31 @@ def test_affinity_key_precedence() -> None:
     assert req({**body, "prompt_cache_key": None}).route.affinity_key == "u1"
 
 
+def test_session_keys_the_agents_send_in_the_documented_order() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    every = [(b"conversation_id", b"conv"), (b"thread-id", b"thread"),
+             (b"session_id", b"sess_"), (b"session-id", b"codex"), (b"x-session-id", b"oc"),
+             (b"x-claude-code-session-id", b"cc"), (b"x-session-affinity", b"aff")]
+    # whatever order they arrive in, the first of the documented order wins
+    for n in range(len(every)):
+        headers = every[n:]
+        r = req(body, list(reversed(headers)))
+        assert (r.route.affinity_key, r.affinity_source) == (
+            headers[-1][1].decode(), headers[-1][0].decode())
+    # Claude Code: metadata.user_id is a JSON string holding the conversation's session_id
+    user_id = orjson.dumps({"device_id": "d", "session_id": "s-1"}).decode()
+    r = req({**body, "metadata": {"user_id": user_id}})
+    assert (r.route.affinity_key, r.affinity_source) == ("s-1", "metadata.user_id")
+    r = req({**body, "metadata": {"user_id": "plain-user"}, "user": "u"})
+    assert (r.route.affinity_key, r.affinity_source) == ("plain-user", "metadata.user_id")
+    r = req({**body, "metadata": {"user_id": "{not json"}})
+    assert r.route.affinity_key == "{not json"
+    r = req({**body, "prompt_cache_key": "pk", "metadata": {"user_id": user_id}})
+    assert r.affinity_source == "prompt_cache_key"
+    assert req(body).affinity_source == "prefix"
+    assert req({"model": "m"}).affinity_source is None
+
+
 def test_affinity_hash_follows_a_growing_conversation() -> None:
     turn1 = [{"role": "system", "content": "agent"}, {"role": "user", "content": "fix x"}]
     turn2 = [*turn1, {"role": "assistant", "content": "done"}, {"role": "user", "content": "y"}]

@@ -1,0 +1,91 @@
+"""The real coding-agent CLIs (Codex CLI, Claude Code, opencode; pinned npm releases:
+tests/agents) working through sluiceway over two real llama-servers, offline.
+
+The model is a random one (tests/realllama/model.py) with a 64k context, small enough to
+prefill the agents' 4-7k-token prompts in about a second; the servers run with a grammar
+that makes every reply "Hello from the tiny model." and then stop, so an answer is
+deterministic and ends the way a real model's does (Claude Code treats a reply cut at
+max_tokens as an error). Each client runs two turns of one session: both turns must be
+answered (exit 0, the text), be logged by sluiceway as served by a backend with TTFT and
+counted tokens, be keyed by the session id the client itself sends, and land on the
+same backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.agents.clients import CLIENTS
+from tests.agents.install import install
+from tests.conftest import Launcher, backend
+from tests.processes import Server
+from tests.realllama.model import Shape
+from tests.realllama.server import MODEL_ALIAS, prepare
+
+ANSWER = "Hello from the tiny model."
+AGENT_SHAPE = Shape(n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256,
+                    n_ctx_train=65536)
+# what each client sends: the API it speaks and the session header sluiceway keys on
+EXPECTED = {
+    "codex": ("responses", "session-id"),
+    "claude": ("messages", "x-claude-code-session-id"),
+    "opencode": ("chat", "x-session-affinity"),
+}
+
+
+@pytest.fixture(scope="module")
+def agents_bin() -> Path:
+    return install()
+
+
+@pytest.fixture(scope="module")
+def pool(module_launch: Launcher) -> Iterator[Server]:
+    real = prepare(AGENT_SHAPE)
+    grammar = f'root ::= "{ANSWER}"'
+    servers = [module_launch.llama_server(real, slots=2, ctx_per_slot=32768,
+                                          extra=("--jinja", "--grammar", grammar))
+               for _ in range(2)]
+    proxy = module_launch.proxy(
+        [backend(f"llama{i}", s, kind="llamacpp") for i, s in enumerate(servers)],
+        routing={"calibrate_tokens": 8}, timeouts={"first_byte_s": 120})
+    yield proxy
+
+
+def records(proxy: Server) -> list[dict[str, Any]]:
+    out = []
+    for line in proxy.output().splitlines():
+        at = line.find('{"request_id"')
+        if at >= 0:
+            out.append(orjson.loads(line[at:]))
+    return out
+
+
+@pytest.mark.parametrize("client", sorted(EXPECTED))
+def test_a_real_agent_works_through_sluiceway_and_keeps_its_backend(
+        client: str, agents_bin: Path, pool: Server, tmp_path: Path) -> None:
+    endpoint, session_header = EXPECTED[client]
+    agent = CLIENTS[client](agents_bin, tmp_path / client, pool.url, MODEL_ALIAS)
+    turns = []
+    for resume in (False, True):
+        seen = len(records(pool))
+        turn = agent.turn("Say hello." if not resume else "Again, please.", resume=resume)
+        assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-3000:]
+        assert ANSWER in turn.stdout
+        mine = [r for r in records(pool)[seen:] if r["endpoint"] == endpoint]
+        assert mine, f"no {endpoint} request reached sluiceway"
+        for record in mine:
+            assert record["status"] == 200 and record["outcome"] == "ok", record
+            assert record["ttft_ms"] is not None and record["output_tokens"] > 0, record
+            assert not record.get("output_tokens_estimated"), record
+        main = max(mine, key=lambda r: r["prompt_tokens"])  # the turn, not a title request
+        assert main["prompt_tokens"] > 1000  # an agent's system prompt and tools
+        assert main["session"].startswith(session_header + ":"), main
+        turns.append(main)
+    first, second = turns
+    assert second["session"] == first["session"]  # the client's own session id, kept
+    assert second["backend"] == first["backend"]
+    assert second["prompt_tokens"] > first["prompt_tokens"]  # the history came along

@@ -129,7 +129,7 @@ class App:
             elif path in _OWN_GET_ROUTES:
                 if method not in ("GET", "HEAD"):
                     raise method_not_allowed(method, path)
-                self._own_route(path, reply, id_header)
+                self._own_route(request, reply, id_header)
             else:
                 raise not_found(path)
         except ProxyError as exc:
@@ -146,8 +146,9 @@ class App:
             return False
         return any(hmac.compare_digest(presented, key) for key in self._keys)
 
-    def _own_route(self, path: str, reply: Reply, id_header: tuple[bytes, bytes]) -> None:
-        gw = self.gateway
+    def _own_route(self, request: Request, reply: Reply, id_header: tuple[bytes, bytes]
+                   ) -> None:
+        gw, path = self.gateway, request.path
         if path == "/health":
             status, body = 200, b'{"status":"ok"}'
         elif path == "/ready":
@@ -156,7 +157,9 @@ class App:
             reply.respond(200, gw.metrics.render(), ((b"content-type", _METRICS_TYPE), id_header))
             return
         elif path == "/v1/models":
-            status, body = 200, routes.models(gw.pool)
+            status, body = 200, routes.models(gw.pool, gw.aliases,
+                                              anthropic=request.header(b"anthropic-version")
+                                              is not None)
         else:
             status, body = 200, routes.admin_backends(gw.pool, gw.policy.name,
                                                       gw.admission.depth)
@@ -171,8 +174,12 @@ class App:
             if request.oversized:
                 raise too_large(self.body_limit)
             client_request = parse(endpoint, request.body, request.headers, request_id)
-            if not gw.pool.knows_model(client_request.route.model):
-                raise unknown_model(client_request.route.model)
+            asked = client_request.route.model
+            model = gw.aliases.resolve(asked)
+            if model != asked:
+                client_request = client_request.aliased(model)
+            if not gw.pool.knows_model(model):
+                raise unknown_model(asked, None if model == asked else model)
         except ProxyError as exc:  # bad input: answered by the caller, counted and logged here
             gw.metrics.requests.labels("none", endpoint.name, exc.outcome).inc()
             self._log(request_id, endpoint, None, exc.status, exc.message, [], started)
@@ -237,6 +244,8 @@ def _log(
         "output_tokens": last.output_tokens if last else 0,
         "duration_ms": round((perf_counter() - started) * 1000, 1),
     }
+    if request is not None and request.payload.get("model") != model:
+        record["alias"] = request.payload.get("model")  # the name the client sent
     if request is not None and request.affinity_source is not None:
         # which session key routed it, and a digest of it (never the key itself)
         key = request.route.affinity_key or ""

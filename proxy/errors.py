@@ -58,11 +58,10 @@ def unauthorized() -> ProxyError:
     )
 
 
-def unknown_model(model: str) -> ProxyError:
-    return ProxyError(
-        404, f"The model {model!r} does not exist.", "invalid_request_error",
-        "model_not_found", param="model",
-    )
+def unknown_model(model: str, alias_of: str | None = None) -> ProxyError:
+    message = f"The model {model!r} does not exist." if alias_of is None else (
+        f"The model {model!r} is an alias of {alias_of!r}, which no backend serves.")
+    return ProxyError(404, message, "invalid_request_error", "model_not_found", param="model")
 
 
 def not_found(path: str) -> ProxyError:

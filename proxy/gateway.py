@@ -17,6 +17,7 @@ from backends.pool import Pool
 from backends.state import BackendState
 from policies import POLICIES, Policy, PolicyConfig
 from proxy.admission import Admission
+from proxy.aliases import Aliases
 from proxy.calibrate import Calibrator
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics
@@ -29,6 +30,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = Pool(settings.backends)
+        self.aliases = Aliases(settings.models.aliases)
         routing = settings.routing
         self.policy = _policy(routing)
         self.admission = Admission(
@@ -130,6 +132,8 @@ class Gateway:
                 self.monitor.configure(new.health.interval_s, new.health.timeout_s)
             if changes.timeouts:
                 self._upstream.configure(new.timeouts)
+            if changes.models:
+                self.aliases = Aliases(new.models.aliases)
             # sections that need a restart keep their running values
             self.settings = new.model_copy(update={
                 s: getattr(self.settings, s) for s in changes.restart_needed})

@@ -26,12 +26,13 @@ class Changes:
     routing: bool = False
     health: bool = False
     timeouts: bool = False
+    models: bool = False  # [models.aliases]
     restart_needed: tuple[str, ...] = ()  # sections that changed but apply only at start
 
     @property
     def empty(self) -> bool:
         return not (self.added or self.removed or self.changed or self.routing or self.health
-                    or self.timeouts or self.restart_needed)
+                    or self.timeouts or self.models or self.restart_needed)
 
     def summary(self) -> dict[str, list[str] | bool]:
         return {
@@ -41,6 +42,7 @@ class Changes:
             "routing": self.routing,
             "health": self.health,
             "timeouts": self.timeouts,
+            "models": self.models,
             "restart_needed": list(self.restart_needed),
         }
 
@@ -56,6 +58,7 @@ def plan(old: Settings, new: Settings) -> Changes:
         routing=old.routing != new.routing,
         health=old.health != new.health,
         timeouts=old.timeouts != new.timeouts,
+        models=old.models != new.models,
         restart_needed=tuple(s for s in RESTART_SECTIONS
                              if getattr(old, s, None) != getattr(new, s, None)),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -62,13 +62,18 @@ class ClientRequest:
     route: RouteRequest
     affinity_source: str | None = None  # where the session key came from (access log)
 
+    def aliased(self, model: str) -> ClientRequest:
+        """The request for `model`, the one an alias of the client's name stands for."""
+        return replace(self, route=replace(self.route, model=model))
+
     def body_for(self, served_model: str | None) -> bytes:
-        """The body for one backend: its model name, and a usage request on streams."""
-        if not self.strip_usage and (served_model is None or served_model == self.route.model):
+        """The body for one backend: its model name (else the routed one: an alias
+        resolved), and a usage request on streams."""
+        model = served_model or self.route.model
+        if not self.strip_usage and model == self.payload.get("model"):
             return self.raw
         payload = dict(self.payload)
-        if served_model is not None:
-            payload["model"] = served_model
+        payload["model"] = model
         if self.strip_usage:
             options = payload.get("stream_options")
             payload["stream_options"] = {

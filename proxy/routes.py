@@ -10,14 +10,29 @@ import orjson
 from backends.pool import Pool
 from backends.snapshot import Health
 from backends.state import BackendState
+from proxy.aliases import Aliases
 
 _STARTED = int(time.time())
 
 
-def models(pool: Pool) -> bytes:
-    """`/v1/models`: every model name and alias the pool serves."""
+def models(pool: Pool, aliases: Aliases, anthropic: bool = False) -> bytes:
+    """`/v1/models`: every model the pool serves and every exact alias of one, in
+    OpenAI's list shape, or Anthropic's when the client sent `anthropic-version` (Claude
+    Code's gateway model discovery reads that shape)."""
+    served = pool.models()
+    listed: dict[str, list[BackendState]] = dict(served)
+    for alias, target in aliases.names.items():
+        if target in served and alias not in listed:
+            listed[alias] = served[target]
+    if anthropic:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_STARTED))
+        entries = [{"type": "model", "id": name, "display_name": name, "created_at": created}
+                   for name in listed]
+        return orjson.dumps({"data": entries, "has_more": False,
+                             "first_id": entries[0]["id"] if entries else None,
+                             "last_id": entries[-1]["id"] if entries else None})
     data: list[dict[str, Any]] = []
-    for name, states in pool.models().items():
+    for name, states in listed.items():
         entry: dict[str, Any] = {
             "id": name, "object": "model", "created": _STARTED, "owned_by": "sluiceway",
         }

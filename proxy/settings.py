@@ -66,6 +66,20 @@ class TimeoutSettings(_Section):
     idle_s: PositiveFloat = 120
 
 
+class ModelSettings(_Section):
+    # client-visible name or glob -> a model the pool serves (proxy/aliases.py)
+    aliases: dict[str, Annotated[str, Field(min_length=1)]] = {}
+
+    @field_validator("aliases")
+    @classmethod
+    def _no_chains(cls, aliases: dict[str, str]) -> dict[str, str]:
+        chained = sorted(k for k, v in aliases.items() if v in aliases)
+        if chained:
+            raise ValueError(f"an alias must name a served model, not another alias: "
+                             f"{', '.join(chained)}")
+        return aliases
+
+
 class AdminSettings(_Section):
     """The admin plane (proxy/admin/): on when the `[admin]` section is present."""
 
@@ -83,6 +97,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = RoutingSettings()
     health: HealthSettings = HealthSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
+    models: ModelSettings = ModelSettings()
     admin: AdminSettings | None = None  # off unless configured
     backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
 

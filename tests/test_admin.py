@@ -247,6 +247,7 @@ def test_a_reload_under_load_drops_nothing_and_a_bad_file_changes_nothing(
             assert resp.status_code == 200, resp.text
             assert resp.json() == {"added": ["c"], "removed": ["b"], "changed": [],
                                    "routing": True, "health": False, "timeouts": False,
+                                   "models": False,
                                    "restart_needed": []}
         wait_for(lambda: set(admin.backends()) == {"a", "c"}, timeout_s=10)
         before_bad = len(load.results)

@@ -51,7 +51,8 @@ def pool(module_launch: Launcher) -> Iterator[Server]:
                for _ in range(2)]
     proxy = module_launch.proxy(
         [backend(f"llama{i}", s, kind="llamacpp") for i, s in enumerate(servers)],
-        routing={"calibrate_tokens": 8}, timeouts={"first_byte_s": 120})
+        routing={"calibrate_tokens": 8}, timeouts={"first_byte_s": 120},
+        models={"aliases": {"claude-*": MODEL_ALIAS}})
     yield proxy
 
 
@@ -89,3 +90,17 @@ def test_a_real_agent_works_through_sluiceway_and_keeps_its_backend(
     assert second["session"] == first["session"]  # the client's own session id, kept
     assert second["backend"] == first["backend"]
     assert second["prompt_tokens"] > first["prompt_tokens"]  # the history came along
+
+
+def test_claude_code_with_its_own_model_names_through_an_alias(
+        agents_bin: Path, pool: Server, tmp_path: Path) -> None:
+    """No model settings at all: Claude Code sends its vendor names (claude-...), with
+    max_tokens sized for them, and `claude-*` maps them to the pool's model."""
+    agent = CLIENTS["claude"](agents_bin, tmp_path / "claude", pool.url, model="")
+    seen = len(records(pool))
+    turn = agent.turn("Say hello.")
+    assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-3000:]
+    assert ANSWER in turn.stdout
+    mine = [r for r in records(pool)[seen:] if r["endpoint"] == "messages"]
+    assert mine and all(r["status"] == 200 and r["model"] == MODEL_ALIAS for r in mine)
+    assert all(r["alias"].startswith("claude-") for r in mine), mine

@@ -53,6 +53,7 @@ class ReloadResult(BaseModel):
     routing: bool
     health: bool
     timeouts: bool
+    models: bool
     restart_needed: list[str]  # sections that changed but take a restart
 
 

@@ -84,7 +84,9 @@ class ClaudeCode(Agent):
     name = "claude"
 
     def env(self) -> dict[str, str]:
-        models = {k: self.model for k in (
+        # an empty model: the client's own vendor names (claude-...), for the gateway's
+        # aliases to map
+        models = {} if not self.model else {k: self.model for k in (
             "ANTHROPIC_MODEL", "ANTHROPIC_SMALL_FAST_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL",
             "ANTHROPIC_DEFAULT_SONNET_MODEL", "ANTHROPIC_DEFAULT_HAIKU_MODEL",
             "CLAUDE_CODE_SUBAGENT_MODEL")}

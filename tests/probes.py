@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
+import orjson
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +22,16 @@ def gauges(server: Server) -> dict[str, float]:
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
+
+
+def access_records(proxy: Server) -> list[dict[str, Any]]:
+    """The proxy's access log so far, one dict per request."""
+    out = []
+    for line in proxy.output().splitlines():
+        at = line.find('{"request_id"')
+        if at >= 0:
+            out.append(orjson.loads(line[at:]))
+    return out
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 5.0) -> float:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 
 from tests.agents.clients import CLIENTS
 from tests.agents.install import install
 from tests.conftest import Launcher, backend
+from tests.probes import access_records
 from tests.processes import Server
 from tests.realllama.model import Shape
 from tests.realllama.server import MODEL_ALIAS, prepare
@@ -56,15 +55,6 @@ def pool(module_launch: Launcher) -> Iterator[Server]:
     yield proxy
 
 
-def records(proxy: Server) -> list[dict[str, Any]]:
-    out = []
-    for line in proxy.output().splitlines():
-        at = line.find('{"request_id"')
-        if at >= 0:
-            out.append(orjson.loads(line[at:]))
-    return out
-
-
 @pytest.mark.parametrize("client", sorted(EXPECTED))
 def test_a_real_agent_works_through_sluiceway_and_keeps_its_backend(
         client: str, agents_bin: Path, pool: Server, tmp_path: Path) -> None:
@@ -72,11 +62,11 @@ def test_a_real_agent_works_through_sluiceway_and_keeps_its_backend(
     agent = CLIENTS[client](agents_bin, tmp_path / client, pool.url, MODEL_ALIAS)
     turns = []
     for resume in (False, True):
-        seen = len(records(pool))
+        seen = len(access_records(pool))
         turn = agent.turn("Say hello." if not resume else "Again, please.", resume=resume)
         assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-3000:]
         assert ANSWER in turn.stdout
-        mine = [r for r in records(pool)[seen:] if r["endpoint"] == endpoint]
+        mine = [r for r in access_records(pool)[seen:] if r["endpoint"] == endpoint]
         assert mine, f"no {endpoint} request reached sluiceway"
         for record in mine:
             assert record["status"] == 200 and record["outcome"] == "ok", record
@@ -97,10 +87,10 @@ def test_claude_code_with_its_own_model_names_through_an_alias(
     """No model settings at all: Claude Code sends its vendor names (claude-...), with
     max_tokens sized for them, and `claude-*` maps them to the pool's model."""
     agent = CLIENTS["claude"](agents_bin, tmp_path / "claude", pool.url, model="")
-    seen = len(records(pool))
+    seen = len(access_records(pool))
     turn = agent.turn("Say hello.")
     assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-3000:]
     assert ANSWER in turn.stdout
-    mine = [r for r in records(pool)[seen:] if r["endpoint"] == "messages"]
+    mine = [r for r in access_records(pool)[seen:] if r["endpoint"] == "messages"]
     assert mine and all(r["status"] == 200 and r["model"] == MODEL_ALIAS for r in mine)
     assert all(r["alias"].startswith("claude-") for r in mine), mine

@@ -12,8 +12,7 @@ from pydantic import ValidationError
 from proxy.aliases import Aliases
 from proxy.settings import ModelSettings
 from tests.conftest import Launcher, backend
-from tests.probes import sdk
-from tests.test_shutdown import access_records
+from tests.probes import access_records, sdk
 
 
 def test_exact_names_beat_globs_and_globs_go_in_order() -> None:

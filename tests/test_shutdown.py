@@ -9,10 +9,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import orjson
 
 from tests.conftest import Launcher, backend
-from tests.probes import wait_for
+from tests.probes import access_records, wait_for
 from tests.processes import Server
 
 
@@ -34,15 +33,6 @@ def stream_after_sigterm(proxy: Server, tokens: int) -> tuple[list[bytes], BaseE
     except httpx.HTTPError as exc:  # the cut of a stream past the grace
         error = exc
     return lines, error
-
-
-def access_records(proxy: Server) -> list[dict[str, object]]:
-    out = []
-    for line in proxy.output().splitlines():
-        at = line.find('{"request_id"')
-        if at >= 0:
-            out.append(orjson.loads(line[at:]))
-    return out
 
 
 def test_sigterm_lets_a_stream_finish_and_exits_0(launch: Launcher) -> None:

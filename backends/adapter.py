@@ -20,6 +20,8 @@ class Adapter:
     models_path: str = "/v1/models"
     capacity_path: str | None = None  # GET returning JSON with the slot count
     capacity_field: str | None = None
+    # where in that JSON one request's context length is (a path of keys), if anywhere
+    context_field: tuple[str, ...] = ()
     metrics_path: str | None = None  # Prometheus text with the load gauges below
     # metric -> running | waiting | kv_cache (a 0-1 fraction)
     load_gauges: Mapping[str, str] = field(default_factory=dict)

@@ -87,6 +87,9 @@ class Monitor:
                 slots = props.get(adapter.capacity_field) if isinstance(props, dict) else None
                 if isinstance(slots, int) and slots > 0:
                     found.capacity = slots
+                context = _dig(props, adapter.context_field)
+                if isinstance(context, int) and context > 0 and adapter.context_field:
+                    found.max_model_len = context
         with contextlib.suppress(*_PROBE_ERRORS):
             await self._scrape_load(state, found)
         return found
@@ -136,6 +139,12 @@ def _read_gauges(text: str, wanted: Mapping[str, str]) -> dict[str, float]:
             else:
                 totals[field] = totals.get(field, 0.0) + sample.value
     return totals
+
+
+def _dig(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 def _describe(exc: BaseException) -> str:

@@ -37,18 +37,22 @@ class RequestResult:
     prefilled_chars: float | None = None  # body bytes the backend prefilled (not cached)
     uncached_chars: float | None = None  # the same for any prompt size (with a TTFT)
     whole_s: float | None = None  # a reply answered in one body: its duration (no TTFT)
+    prompt_tokens: int = 0  # as the backend reported them
+    body_bytes: int = 0  # the request body sent
 
 
 class BackendStats:
     """TTFT and per-stream decode speed, plus plain counters for the admin view."""
 
     __slots__ = ("completed", "curve", "decode_tok_s", "failed", "output_tokens",
-                 "prefill_chars_per_s", "ttft_s", "uncached_chars")
+                 "prefill_chars_per_s", "tokens_per_byte", "ttft_s", "uncached_chars")
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.ttft_s = Ewma(alpha)
         self.decode_tok_s = Ewma(alpha)
         self.output_tokens = Ewma(alpha)  # typical reply length, for requests without one
+        # prompt tokens per request-body byte, from usage: sizes prompts (proxy/clamp.py)
+        self.tokens_per_byte = Ewma(alpha)
         # prefill speed in request-body bytes per second of TTFT (the TTFT also holds
         # queueing and one decode step, so this errs low: moving a session looks dearer)
         self.prefill_chars_per_s = Ewma(alpha)
@@ -79,6 +83,8 @@ class BackendStats:
             self.prefill_chars_per_s.add(result.prefilled_chars / result.ttft_s)
         if result.uncached_chars is not None and result.ttft_s is not None:
             self.uncached_chars.add(result.uncached_chars)
+        if result.prompt_tokens > 0 and result.body_bytes > 0:
+            self.tokens_per_byte.add(result.prompt_tokens / result.body_bytes)
         if result.concurrency is not None and result.outcome == "ok":
             self.curve.observe(result.concurrency, rate, result.ttft_s)
 

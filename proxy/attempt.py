@@ -111,4 +111,6 @@ class Attempt:
             prefilled_chars=self.prefilled_chars,
             uncached_chars=self.uncached_chars,
             whole_s=self.duration_s if self.whole and self.ended_at is not None else None,
+            prompt_tokens=self.prompt_tokens,
+            body_bytes=self.prompt_chars,
         )

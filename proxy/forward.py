@@ -17,6 +17,7 @@ from backends.pool import Pool
 from backends.snapshot import Health
 from proxy.admission import Admission
 from proxy.attempt import Attempt
+from proxy.clamp import fitted_max_tokens
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.request import ClientRequest
@@ -38,12 +39,14 @@ class Forwarder:
         upstream: Upstream,
         metrics: Metrics,
         max_attempts: int,
+        clamp_max_tokens: bool = True,
     ) -> None:
         self._pool = pool
         self._admission = admission
         self._upstream = upstream
         self._metrics = metrics
         self.max_attempts = max_attempts  # a reload may change it
+        self.clamp_max_tokens = clamp_max_tokens
 
     async def forward(self, request: ClientRequest, reply: Reply, attempts: list[Attempt]) -> None:
         """Serve the request, appending each try to `attempts` (the last one answered).
@@ -108,10 +111,15 @@ class Forwarder:
 
     async def _try(self, request: ClientRequest, attempt: Attempt, reply: Reply) -> None:
         state = self._pool[attempt.backend]
+        fitted = fitted_max_tokens(
+            request.route.max_tokens, len(request.raw), state.discovered.max_model_len,
+            state.stats.tokens_per_byte.value) if self.clamp_max_tokens else None
+        if fitted is not None:
+            self._metrics.clamped.labels(attempt.backend).inc()
         resp = await self._upstream.post(
             attempt.backend,
             state.config.base_url + request.endpoint.path,
-            request.body_for(state.served_model),
+            request.body_for(state.served_model, fitted),
             request.headers_for(state.upstream_key),
         )
         try:

@@ -44,6 +44,7 @@ class Gateway:
         self._upstream = upstream = Upstream(self._data, settings.timeouts)
         self.forwarder = Forwarder(
             self.pool, self.admission, upstream, self.metrics, routing.max_attempts,
+            routing.clamp_max_tokens,
         )
         self.monitor = Monitor(
             self.pool, self._control, settings.health.interval_s, settings.health.timeout_s
@@ -162,6 +163,7 @@ class Gateway:
             self.policy = _policy(routing)  # a new policy starts its own state afresh
         self.admission.configure(self.policy, routing.queue_size, routing.queue_timeout_s)
         self.forwarder.max_attempts = routing.max_attempts
+        self.forwarder.clamp_max_tokens = routing.clamp_max_tokens
         self.calibrator.tokens = routing.calibrate_tokens
 
     async def stop(self) -> None:

@@ -93,6 +93,10 @@ class Metrics:
             "and were retried on another backend, by the backend that failed.",
             ["backend"], registry=r,
         ))
+        self.clamped = _Children(Counter(
+            "sluiceway_max_tokens_clamped", "Requests whose max_tokens was lowered to fit "
+            "the backend's context (routing.clamp_max_tokens).", ["backend"], registry=r,
+        ))
         self.admin_actions = _Children(Counter(
             "sluiceway_admin_actions", "Changes made through the admin plane or SIGHUP, by "
             "action and result (ok, rejected, not_found, conflict).",

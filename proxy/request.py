@@ -61,19 +61,23 @@ class ClientRequest:
     headers: dict[str, str]  # what is forwarded upstream
     route: RouteRequest
     affinity_source: str | None = None  # where the session key came from (access log)
+    max_tokens_key: str | None = None  # which of the output limits the client set
 
     def aliased(self, model: str) -> ClientRequest:
         """The request for `model`, the one an alias of the client's name stands for."""
         return replace(self, route=replace(self.route, model=model))
 
-    def body_for(self, served_model: str | None) -> bytes:
+    def body_for(self, served_model: str | None, max_tokens: int | None = None) -> bytes:
         """The body for one backend: its model name (else the routed one: an alias
-        resolved), and a usage request on streams."""
+        resolved), a usage request on streams, and `max_tokens` when it must be lowered
+        to fit the backend (proxy/clamp.py)."""
         model = served_model or self.route.model
-        if not self.strip_usage and model == self.payload.get("model"):
+        if not self.strip_usage and model == self.payload.get("model") and max_tokens is None:
             return self.raw
         payload = dict(self.payload)
         payload["model"] = model
+        if max_tokens is not None and self.max_tokens_key is not None:
+            payload[self.max_tokens_key] = max_tokens
         if self.strip_usage:
             options = payload.get("stream_options")
             payload["stream_options"] = {
@@ -103,11 +107,12 @@ def parse(
     stream = payload.get("stream") is True
     options = payload.get("stream_options")
     client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-    max_tokens = next(
-        (payload[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
-         if isinstance(payload.get(k), int)),
+    max_tokens_key = next(
+        (k for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+         if isinstance(payload.get(k), int) and not isinstance(payload.get(k), bool)),
         None,
     )
+    max_tokens = payload[max_tokens_key] if max_tokens_key else None
     forwarded = {
         name.decode("latin-1"): value.decode("latin-1")
         for name, value in headers
@@ -134,6 +139,7 @@ def parse(
         headers=forwarded,
         route=route,
         affinity_source=affinity_source,
+        max_tokens_key=max_tokens_key,
     )
 
 

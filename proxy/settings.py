@@ -44,6 +44,8 @@ class RoutingSettings(_Section):
     # one measured request of this many output tokens to each backend before it takes
     # traffic (proxy/calibrate.py); 0 turns it off
     calibrate_tokens: Annotated[int, Field(ge=0, le=4096)] = 32
+    # lower max_tokens to what the chosen backend's context leaves (proxy/clamp.py)
+    clamp_max_tokens: bool = True
 
     @field_validator("policy")
     @classmethod

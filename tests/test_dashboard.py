@@ -25,7 +25,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "sluiceway.json"
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
                                                              "_created"), "gauge": ("",)}
 # panels whose series exist only after events this test does not cause
-MAY_BE_EMPTY = ("retries", "outcome!=", "estimated", "kv_cache")
+MAY_BE_EMPTY = ("retries", "outcome!=", "estimated", "kv_cache", "clamped")
 
 
 def queries() -> list[str]:

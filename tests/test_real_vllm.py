@@ -300,3 +300,42 @@ def test_more_clients_than_max_num_seqs(launch: Launcher, vllm: Server, cap: int
         assert seen["in_flight"] == 4 and seen["queued"] >= 3 and seen["vllm_waiting"] == 0
     else:
         assert seen["in_flight"] == 8 and seen["queued"] == 0 and seen["vllm_waiting"] >= 3
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_max_tokens_past_the_context_is_fitted_to_it(
+        launch: Launcher, vllm: Server, clamp: bool) -> None:
+    """Claude Code asks for 32000-128000 output tokens; vLLM (here --max-model-len 2048)
+    refuses prompt + max_tokens past its context with a 400. sluiceway lowers max_tokens
+    to the room the prompt leaves, sized by the tokens per byte it measured from vLLM's
+    usage on an earlier request; with the clamp off, vLLM's 400 comes back as it was."""
+    proxy = launch.proxy([backend("vllm", vllm, kind="vllm", models=[MODEL_NAME])],
+                         routing={"clamp_max_tokens": clamp},
+                         health={"interval_s": 0.2, "timeout_s": 2})
+    wait_for(lambda: view(proxy)["max_model_len"] == 2048)
+    prompt = [{"role": "user", "content": "count the people in the room " * 150}]
+    first = sdk(proxy).chat.completions.create(model=MODEL_NAME, messages=prompt,
+                                               max_tokens=4, extra_body=FIXED)
+    prompt_tokens = first.usage.prompt_tokens if first.usage else 0
+    assert 1000 < prompt_tokens < 1900
+    body = {"model": MODEL_NAME, "messages": prompt, "max_tokens": 128000, **FIXED}
+    resp = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=120)
+    clamped = gauges(proxy).get("sluiceway_max_tokens_clamped_total", 0.0)
+    if not clamp:
+        assert resp.status_code == 400 and clamped == 0
+        return
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    assert resp.json()["choices"][0]["finish_reason"] == "length"
+    # the room left, less the margin on the measured ratio; never past the context
+    assert 16 <= usage["completion_tokens"] <= 2048 - prompt_tokens
+    assert usage["completion_tokens"] >= 2048 - 1.3 * prompt_tokens
+    assert clamped == 1
+    # the same through the Messages API and the anthropic SDK, streamed
+    with anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0
+                             ).messages.stream(model=MODEL_NAME, max_tokens=128000,
+                                               messages=prompt, extra_body=FIXED) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "max_tokens"
+    assert final.usage.output_tokens <= 2048 - prompt_tokens
+    assert gauges(proxy)["sluiceway_max_tokens_clamped_total"] == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
@@ -15,6 +15,17 @@ class EngineKind(StrEnum):
     LLAMACPP = "llamacpp"
     VLLM = "vllm"
     OPENAI = "openai"
+
+
+API_NAMES = ("chat", "completions", "embeddings", "responses", "messages", "count_tokens")
+# What each engine serves natively when `apis` is not given: llama.cpp's server and vLLM
+# (0.11.1+) have all of them; a generic OpenAI-compatible server is assumed to have the
+# classic three, so Responses and Messages requests to it are translated to Chat.
+DEFAULT_APIS = {
+    EngineKind.LLAMACPP: API_NAMES,
+    EngineKind.VLLM: API_NAMES,
+    EngineKind.OPENAI: ("chat", "completions", "embeddings"),
+}
 
 
 class BackendConfig(BaseModel):
@@ -31,6 +42,9 @@ class BackendConfig(BaseModel):
     api_key_env: str = ""
     tls_ca_file: str = ""  # PEM bundle that signs an https backend's certificate
     tls_verify: bool = True
+    # the APIs it serves natively (see API_NAMES); empty: the engine kind's default
+    apis: tuple[Literal["chat", "completions", "embeddings", "responses", "messages",
+                        "count_tokens"], ...] = ()
 
     @field_validator("url")
     @classmethod
@@ -48,6 +62,10 @@ class BackendConfig(BaseModel):
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"cannot load CA certificates from {path!r}: {exc}") from None
         return path
+
+    def serves(self, api: str) -> bool:
+        """Whether the backend answers this API itself (else it is translated to Chat)."""
+        return api in (self.apis or DEFAULT_APIS[self.kind])
 
     @property
     def base_url(self) -> str:

@@ -81,11 +81,13 @@ kind = "vllm"
 url = "http://127.0.0.1:{vllm}"
 models = ["{MODEL}"]
 max_concurrency = 1024   # vLLM's default max-num-seqs on a 192 GB card
+apis = ["chat", "completions"]   # the emulators: Messages requests are translated
 [[backends]]
 name = "llamacpp-q4km"
 kind = "llamacpp"
 url = "http://127.0.0.1:{llama}"
 models = ["{MODEL}"]
+apis = ["chat", "completions"]
 """
 
 

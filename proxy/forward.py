@@ -22,7 +22,8 @@ from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.request import ClientRequest
 from proxy.server import Headers, Reply
-from proxy.sse import StreamObserver, might_hold_usage, token_counts, usage_in
+from proxy.sse import CHAT, StreamObserver, might_hold_usage, token_counts, usage_in
+from proxy.translate import CHAT_PATH, TRANSLATIONS, Reshaper, Translation
 from proxy.upstream import Upstream, UpstreamResponse, status_error
 
 _STREAM_HEADERS: Headers = (
@@ -116,10 +117,17 @@ class Forwarder:
             state.stats.tokens_per_byte.value) if self.clamp_max_tokens else None
         if fitted is not None:
             self._metrics.clamped.labels(attempt.backend).inc()
+        translation = None if state.config.serves(request.endpoint.name) \
+            else TRANSLATIONS.get(request.endpoint.name)
+        if translation is None:
+            path, body = request.endpoint.path, request.body_for(state.served_model, fitted)
+        else:
+            self._metrics.translated.labels(attempt.backend, translation.api).inc()
+            path = CHAT_PATH
+            body = translation.body(request.payload, state.served_model or request.route.model,
+                                    fitted)
         resp = await self._upstream.post(
-            attempt.backend,
-            state.config.base_url + request.endpoint.path,
-            request.body_for(state.served_model, fitted),
+            attempt.backend, state.config.base_url + path, body,
             request.headers_for(state.upstream_key),
         )
         try:
@@ -127,9 +135,9 @@ class Forwarder:
                 raise status_error(attempt.backend, resp.status, await resp.read(),
                                    resp.retry_after)
             if request.stream and resp.status == 200:
-                await self._stream(request, attempt, resp, reply)
+                await self._stream(request, attempt, resp, reply, translation)
             else:
-                await self._whole(request, attempt, resp, reply)
+                await self._whole(request, attempt, resp, reply, translation)
         except BaseException:
             resp.close()
             raise
@@ -143,7 +151,8 @@ class Forwarder:
         )
 
     async def _whole(
-        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, reply: Reply
+        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, reply: Reply,
+        translation: Translation | None,
     ) -> None:
         body = await resp.read()
         if resp.status == 200 and might_hold_usage(body):
@@ -151,25 +160,36 @@ class Forwarder:
         attempt.status = resp.status
         attempt.started = True
         attempt.whole = True
-        reply.respond(resp.status, body, self._headers(request, attempt, resp.content_type))
+        content_type = resp.content_type
+        if translation is not None:
+            body = translation.whole(resp.status, body, request.route.model)
+            content_type = "application/json"
+        reply.respond(resp.status, body, self._headers(request, attempt, content_type))
         attempt.end("ok" if resp.status < 400 else "rejected")
 
     async def _stream(
-        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, reply: Reply
+        self, request: ClientRequest, attempt: Attempt, resp: UpstreamResponse, reply: Reply,
+        translation: Translation | None,
     ) -> None:
         """Relay an SSE stream. The first bytes are awaited (a backend failing before them
         can still be retried); the rest is written to the client from the upstream socket's
         own callback, one write per socket read, with reading paused while the client's
         socket is full. The bytes that come with the end of the upstream body leave with
         the end of the reply, in one write."""
-        observer = StreamObserver(request.strip_usage, request.endpoint.content)
+        if translation is None:
+            observer = StreamObserver(request.strip_usage, request.endpoint.content)
+            reshape: Reshaper = _AS_IS
+        else:  # the upstream speaks Chat; the client hears its own API
+            observer = StreamObserver(False, CHAT)
+            reshape = translation.reshaper(request.route.model)
         first = resp.first_chunk()
         attempt.status = 200
         attempt.started = True
-        reply.start(200, (*self._headers(request, attempt, resp.content_type), *_STREAM_HEADERS))
+        content_type = resp.content_type if translation is None else "text/event-stream"
+        reply.start(200, (*self._headers(request, attempt, content_type), *_STREAM_HEADERS))
 
         def relay(data: bytes) -> None:
-            out = observer.feed(data, perf_counter())
+            out = reshape.feed(observer.feed(data, perf_counter()))
             if out:
                 reply.write(out)
                 if reply.paused:
@@ -182,11 +202,16 @@ class Forwarder:
             if not resp.complete:
                 relay(first)
                 last = await resp.relay(relay)
-            tail = (observer.feed(last, perf_counter()) if last else b"") + observer.flush()
+            tail = reshape.feed((observer.feed(last, perf_counter()) if last else b"")
+                                + observer.flush()) + reshape.finish()
         except ProxyError as exc:  # the upstream failed mid-stream: tell the client in-band
             outcome = exc.outcome
-            lead = b"\n\n" if observer.mid_event else b""
-            tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
+            if translation is None:
+                lead = b"\n\n" if observer.mid_event else b""
+                tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
+            else:
+                tail = reshape.feed(observer.complete_events()) \
+                    + reshape.error(exc.body(anthropic=True))
         finally:
             # also when the client leaves: what passed is counted, and a client that has
             # the stream's last event (the openai SDK and Codex close right after it,
@@ -196,3 +221,19 @@ class Forwarder:
         attempt.end(outcome)
         reply.end(tail)
 
+
+
+class _AsIs:
+    """No translation: the bytes pass as they are."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> bytes:
+        return b""
+
+    def error(self, body: bytes) -> bytes:
+        return body
+
+
+_AS_IS = _AsIs()

@@ -97,6 +97,11 @@ class Metrics:
             "sluiceway_max_tokens_clamped", "Requests whose max_tokens was lowered to fit "
             "the backend's context (routing.clamp_max_tokens).", ["backend"], registry=r,
         ))
+        self.translated = _Children(Counter(
+            "sluiceway_translated_requests", "Requests in an API the backend does not serve, "
+            "sent to it as Chat Completions and translated back, by backend and client API.",
+            ["backend", "api"], registry=r,
+        ))
         self.admin_actions = _Children(Counter(
             "sluiceway_admin_actions", "Changes made through the admin plane or SIGHUP, by "
             "action and result (ok, rejected, not_found, conflict).",

@@ -10,6 +10,7 @@ output text beside it), Messages in `message_start` (input) and `message_delta` 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tests.sse_styles import Style, event
@@ -23,8 +24,14 @@ class Shape:
                  style: Style | None = None) -> None:
         self.path, self.req, self.prompt, self.pieces = path, req, prompt, pieces
         self.model = req["model"]
-        self.n = len(pieces)
         self.style = style or Style()
+        # Chat with tools and a tool_choice that demands a call: the reply is one call to
+        # the chosen (or first) tool, its arguments streamed a few characters at a time
+        self.call = _forced_call(req) if path == "/v1/chat/completions" else None
+        if self.call is not None:
+            args = self.call["function"]["arguments"]
+            self.pieces = [args[i:i + 4] for i in range(0, len(args), 4)]
+        self.n = len(self.pieces)
 
     def sse(self, data: Any, name: str | None = None) -> bytes:
         return event(data, self.style, name)
@@ -69,6 +76,12 @@ class Shape:
                         "delta": {"type": "text_delta", "text": piece}}, "content_block_delta")
         if self.path == "/v1/chat/completions":
             delta: dict[str, Any] = {"content": piece}
+            if self.call is not None:
+                function = {"arguments": piece}
+                if i == 0:
+                    function["name"] = self.call["function"]["name"]
+                delta = {"tool_calls": [{"index": 0, "function": function, **(
+                    {"id": self.call["id"], "type": "function"} if i == 0 else {})}]}
             if i == 0:
                 delta["role"] = "assistant"
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
@@ -95,6 +108,10 @@ class Shape:
                     self.sse(ending, "message_delta"),
                     self.sse({"type": "message_stop"}, "message_stop")]
         out = []
+        if self.call is not None:
+            out.append(self.sse({"id": "c1", "object": self._chunk_object, "created": 0,
+                                 "model": self.model, "choices": [
+                                     {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
         if (self.req.get("stream_options") or {}).get("include_usage") and self.style.usage:
             out.append(self.sse({"id": "c1", "object": self._chunk_object, "created": 0,
                                  "model": self.model, "choices": [],
@@ -113,6 +130,11 @@ class Shape:
                     "stop_sequence": None,
                     "usage": {"input_tokens": self.prompt, "output_tokens": self.n}}
         chat = self.path == "/v1/chat/completions"
+        if self.call is not None:
+            return {"id": "cmpl-1", "object": "chat.completion", "model": self.model,
+                    "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                        "role": "assistant", "content": None, "tool_calls": [self.call]}}],
+                    "usage": self._openai_usage(), "served_by": served_by}
         choice: dict[str, Any] = (
             {"index": 0, "message": {"role": "assistant", "content": text},
              "finish_reason": "length"} if chat else
@@ -141,3 +163,19 @@ class Shape:
                  if status == "completed" and self.style.usage else None)
         return {"id": "resp_1", "object": "response", "created_at": 0, "model": self.model,
                 "status": status, "output": output, "usage": usage}
+
+
+def _forced_call(req: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool call a request with `tool_choice` "required" or a named function gets: its
+    required arguments (else its first property) all set to "Paris"."""
+    tools = [t.get("function") or {} for t in req.get("tools") or []]
+    choice = req.get("tool_choice")
+    if not tools or not (choice == "required" or isinstance(choice, dict)):
+        return None
+    name = choice["function"]["name"] if isinstance(choice, dict) else tools[0].get("name")
+    tool = next((t for t in tools if t.get("name") == name), tools[0])
+    schema = tool.get("parameters") or {}
+    keys = schema.get("required") or list(schema.get("properties") or {})[:1]
+    arguments = json.dumps(dict.fromkeys(keys, "Paris"))
+    return {"id": "call_1", "type": "function", "function": {"name": name,
+                                                            "arguments": arguments}}

@@ -129,6 +129,11 @@ def vllm(real_vllm: RealVllm, session_launch: Launcher) -> Server:
                                extra=("--enable-prompt-tokens-details",))
 
 
+# The test upstream (tests/upstream_server.py) answers every API itself, in vLLM's shape;
+# a generic backend is otherwise assumed to serve Chat, Completions and Embeddings only.
+EVERY_API = ["chat", "completions", "embeddings", "responses", "messages", "count_tokens"]
+
+
 def backend(name: str, server: Server | str, **extra: Any) -> dict[str, Any]:
     url = server if isinstance(server, str) else server.url
     return {"name": name, "url": url, **extra}

@@ -20,7 +20,7 @@ import pytest
 from tests.agents.clients import CLIENTS
 from tests.agents.install import install
 from tests.conftest import Launcher, backend
-from tests.probes import access_records
+from tests.probes import access_records, gauges
 from tests.processes import Server
 from tests.realllama.model import Shape
 from tests.realllama.server import MODEL_ALIAS, prepare
@@ -94,3 +94,20 @@ def test_claude_code_with_its_own_model_names_through_an_alias(
     mine = [r for r in access_records(pool)[seen:] if r["endpoint"] == "messages"]
     assert mine and all(r["status"] == 200 and r["model"] == MODEL_ALIAS for r in mine)
     assert all(r["alias"].startswith("claude-") for r in mine), mine
+
+
+def test_claude_code_through_translation_to_a_chat_only_backend(
+        agents_bin: Path, launch: Launcher, tmp_path: Path) -> None:
+    """The emulated vLLM speaks Chat and Completions only: Claude Code's Messages requests
+    are translated to Chat and the replies back (proxy/translate)."""
+    emulator = launch.emulator("vllm", "vllm-fp8-aiter", speed=8, model="m")
+    proxy = launch.proxy([backend("emu", emulator, kind="vllm", apis=["chat", "completions"])],
+                         models={"aliases": {"claude-*": "m"}})
+    agent = CLIENTS["claude"](agents_bin, tmp_path / "claude", proxy.url, model="")
+    turn = agent.turn("Say hello.")
+    assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-3000:]
+    assert turn.stdout.strip()  # the emulator's words, whatever they are
+    mine = [r for r in access_records(proxy) if r["endpoint"] == "messages"]
+    assert mine and all(r["status"] == 200 and r["outcome"] == "ok" for r in mine), mine
+    assert all(r["ttft_ms"] is not None and r["output_tokens"] > 0 for r in mine)
+    assert gauges(proxy)["sluiceway_translated_requests_total"] == len(mine)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from proxy.aliases import Aliases
 from proxy.settings import ModelSettings
-from tests.conftest import Launcher, backend
+from tests.conftest import EVERY_API, Launcher, backend
 from tests.probes import access_records, sdk
 
 
@@ -33,7 +33,7 @@ def test_an_alias_of_an_alias_is_refused_at_start() -> None:
 
 def test_aliases_route_list_and_explain(launch: Launcher) -> None:
     up = launch.upstream("up", model="m")
-    proxy = launch.proxy([backend("up", up)], models={"aliases": {
+    proxy = launch.proxy([backend("up", up, apis=EVERY_API)], models={"aliases": {
         "claude-*": "m", "gpt-4o": "m", "ghost": "not-served"}})
     # a vendor name through the official SDKs reaches the backend as the served model
     reply = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import anthropic
 import pytest
 
-from tests.conftest import Launcher, backend
+from tests.conftest import EVERY_API, Launcher, backend
 from tests.probes import gauges, sdk, wait_for
 from tests.processes import Server
 
@@ -20,7 +20,7 @@ PROMPT = [{"role": "user", "content": "count to ten, slowly and carefully, pleas
 @pytest.fixture(scope="module")
 def served(module_launch: Launcher) -> Iterator[tuple[Server, Server]]:
     up = module_launch.upstream("apis", first_delay_ms=30, token_delay_ms=2)
-    proxy = module_launch.proxy([backend("up", up, models=["m"])])
+    proxy = module_launch.proxy([backend("up", up, models=["m"], apis=EVERY_API)])
     yield up, proxy
 
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Launcher, backend
+from tests.conftest import EVERY_API, Launcher, backend
 from tests.processes import Server
 
 KEY = "sk-test-key"
@@ -15,7 +15,7 @@ KEY = "sk-test-key"
 @pytest.fixture(scope="module")
 def servers(module_launch: Launcher) -> tuple[Server, Server]:
     a = module_launch.upstream("a")
-    proxy = module_launch.proxy([backend("a", a, models=["m"])],
+    proxy = module_launch.proxy([backend("a", a, models=["m"], apis=EVERY_API)],
                                 server={"api_keys": [KEY, "second"], "max_body_mb": 0.01})
     return a, proxy
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from loadgen.workload import Workload
-from tests.conftest import Launcher, backend
+from tests.conftest import EVERY_API, Launcher, backend
 from tests.probes import gauges, wait_for
 from tests.processes import ROOT, Server
 from tests.sse_styles import STYLES
@@ -28,7 +28,7 @@ COMPLETIONS = Workload("completions", "m", input_len=64, output_len=N)
 @pytest.fixture(scope="module")
 def served(module_launch: Launcher) -> Iterator[tuple[Server, Server]]:
     up = module_launch.upstream("styles", token_delay_ms=1)
-    proxy = module_launch.proxy([backend("up", up, models=["m"])])
+    proxy = module_launch.proxy([backend("up", up, models=["m"], apis=EVERY_API)])
     yield up, proxy
 
 
@@ -121,7 +121,8 @@ def test_adaptive_learns_a_backend_that_sends_no_usage(launch: Launcher) -> None
     sends a token every 20 ms, so about 50 tok/s per stream (less, never more)."""
     up = launch.upstream("silent", token_delay_ms=20)
     up.post("/_control", {"style": "no_usage"})
-    proxy = launch.proxy([backend("up", up, models=["m"])], routing={"policy": "adaptive"})
+    proxy = launch.proxy([backend("up", up, models=["m"], apis=EVERY_API)],
+                         routing={"policy": "adaptive"})
     r = level(proxy.url, 2, 6, workload=CHAT)
     assert r["completed"] == 6 and r["total_output_tokens"] == 6 * N
     state = httpx.get(proxy.url + "/admin/backends", timeout=5).json()["backends"][0]
@@ -140,7 +141,7 @@ def test_a_client_that_leaves_after_the_last_event_was_answered(
     tokens counted), not a 499 with nothing learned."""
     up = launch.upstream("linger", token_delay_ms=1)
     up.post("/_control", {"linger_ms": 1500})
-    proxy = launch.proxy([backend("up", up, models=["m"])])
+    proxy = launch.proxy([backend("up", up, models=["m"], apis=EVERY_API)])
     before = counted(proxy)
     body = {"model": "m", "stream": True, "max_tokens": N, "max_output_tokens": N,
             "messages": [{"role": "user", "content": "hi"}], "input": "hi"}

@@ -180,7 +180,7 @@ class Upstream:
         try:
             for event in shape.opening():
                 await _body(send, event)
-            for i in range(n):
+            for i in range(shape.n):
                 if disconnected.is_set():
                     return
                 if i == self.die_after_chunks:

@@ -211,7 +211,7 @@ class Forwarder:
                 tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
             else:
                 tail = reshape.feed(observer.complete_events()) \
-                    + reshape.error(exc.body(anthropic=True))
+                    + reshape.error(exc.body(request.endpoint.anthropic))
         finally:
             # also when the client leaves: what passed is counted, and a client that has
             # the stream's last event (the openai SDK and Codex close right after it,

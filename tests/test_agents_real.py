@@ -96,18 +96,24 @@ def test_claude_code_with_its_own_model_names_through_an_alias(
     assert all(r["alias"].startswith("claude-") for r in mine), mine
 
 
-def test_claude_code_through_translation_to_a_chat_only_backend(
-        agents_bin: Path, launch: Launcher, tmp_path: Path) -> None:
-    """The emulated vLLM speaks Chat and Completions only: Claude Code's Messages requests
-    are translated to Chat and the replies back (proxy/translate)."""
+@pytest.mark.parametrize(("client", "endpoint"), [("claude", "messages"),
+                                                  ("codex", "responses")])
+def test_an_agent_through_translation_to_a_chat_only_backend(
+        client: str, endpoint: str, agents_bin: Path, launch: Launcher,
+        tmp_path: Path) -> None:
+    """The emulated vLLM speaks Chat and Completions only: Claude Code's Messages and
+    Codex's Responses requests are translated to Chat and the replies back
+    (proxy/translate)."""
     emulator = launch.emulator("vllm", "vllm-fp8-aiter", speed=8, model="m")
     proxy = launch.proxy([backend("emu", emulator, kind="vllm", apis=["chat", "completions"])],
                          models={"aliases": {"claude-*": "m"}})
-    agent = CLIENTS["claude"](agents_bin, tmp_path / "claude", proxy.url, model="")
+    agent = CLIENTS[client](agents_bin, tmp_path / client, proxy.url,
+                            model="m" if client == "codex" else "")
     turn = agent.turn("Say hello.")
     assert turn.returncode == 0, turn.stdout[-2000:] + turn.stderr[-3000:]
     assert turn.stdout.strip()  # the emulator's words, whatever they are
-    mine = [r for r in access_records(proxy) if r["endpoint"] == "messages"]
+    mine = [r for r in access_records(proxy) if r["endpoint"] == endpoint]
     assert mine and all(r["status"] == 200 and r["outcome"] == "ok" for r in mine), mine
     assert all(r["ttft_ms"] is not None and r["output_tokens"] > 0 for r in mine)
+    assert not any(r.get("output_tokens_estimated") for r in mine)
     assert gauges(proxy)["sluiceway_translated_requests_total"] == len(mine)

@@ -54,10 +54,16 @@ class Launcher:
         self.servers.append(server)
         return server.wait_listening() if wait else server
 
-    def vllm(self, real: RealVllm, max_num_seqs: int = 4, extra: tuple[str, ...] = ()) -> Server:
-        """A real vLLM (`vllm serve`, CPU build) on the test model (see tests/realvllm)."""
+    def vllm(self, real: RealVllm, max_num_seqs: int = 4, extra: tuple[str, ...] = (),
+             agent: bool = False) -> Server:
+        """A real vLLM (`vllm serve`, CPU build) on the test model (see tests/realvllm);
+        `agent`: its 64k-context variant whose replies end, with a tool-call parser."""
         port = free_port()
-        server = Server(vllm_server.server_args(real.model, port, max_num_seqs, extra=extra),
+        args = vllm_server.server_args(real.model, port, max_num_seqs, extra=extra) \
+            if not agent else vllm_server.server_args(
+                real.agent_model, port, max_num_seqs, max_model_len=32768,
+                extra=(*vllm_server.AGENT_FLAGS, *extra))
+        server = Server(args,
                         port, self.workdir / f"vllm-{port}.log", program=str(real.vllm),
                         env=vllm_server.ENV)
         self.servers.append(server)

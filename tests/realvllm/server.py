@@ -23,6 +23,11 @@ ENV = {
 START_TIMEOUT_S = 300  # ~40 s usually; 3 min the very first time on a cold page cache
 
 
+# For the coding agents: Claude Code's requests set tool_choice "auto", which vLLM refuses
+# without a tool-call parser (docs/agents.md)
+AGENT_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+
+
 def server_args(model: Path, port: int, max_num_seqs: int = 4, max_model_len: int = 2048,
                 extra: tuple[str, ...] = ()) -> list[str]:
     return [
@@ -39,4 +44,4 @@ def server_args(model: Path, port: int, max_num_seqs: int = 4, max_model_len: in
     ]
 
 
-__all__ = ["ENV", "MODEL_NAME", "START_TIMEOUT_S", "Artifacts", "server_args"]
+__all__ = ["AGENT_FLAGS", "ENV", "MODEL_NAME", "START_TIMEOUT_S", "Artifacts", "server_args"]

@@ -118,6 +118,14 @@ class Pool:
         self._changed()
         return state
 
+    def revive(self, config: BackendConfig) -> BackendState:
+        """A backend on its way out, wanted again (a reload that has it back): it stays,
+        with its requests in flight and, where the server is the same, what it learned."""
+        state = self._states[config.name]
+        state.removing = state.draining = False
+        self.reconfigure(config)
+        return state
+
     def reorder(self, names: Sequence[str]) -> None:
         """Tie-break order as in the configuration; backends on their way out go last."""
         position = {name: i for i, name in enumerate(names)}

@@ -144,6 +144,8 @@ class Gateway:
         return changes
 
     async def _add(self, config: BackendConfig) -> BackendState:
+        if config.name in self.pool and self.pool[config.name].removing:
+            return self.pool.revive(config)  # removed, still finishing, and back in the file
         state = self.pool.add(config, draining=True)  # no traffic before probe + calibration
         self._upstream.trust(state)
         if config.name not in {b.name for b in self.settings.backends}:

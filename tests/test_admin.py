@@ -311,3 +311,27 @@ def test_a_reload_that_changes_a_backend_keeps_or_resets_what_was_learned(
     write_config(proxy.config, {**sections, "server": {"max_body_mb": 1}},
                  [backend("a", a2, models=["m"])])
     assert admin.call("POST", "/admin/reload").json()["restart_needed"] == ["server"]
+
+
+def test_a_reload_that_brings_back_a_backend_still_finishing_its_removal(
+        launch: Launcher) -> None:
+    a = launch.upstream("a", token_delay_ms=40)
+    b = launch.upstream("b")
+    proxy, admin = admin_proxy(launch, [backend("a", a, models=["m"]),
+                                        backend("b", b, models=["m"])],
+                               routing={"policy": "spillover"})
+    assert proxy.config is not None
+    config_text = proxy.config.read_text()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream, proxy, 25)  # 1 s on a
+        wait_for(lambda: a.get("/_stats")["active"] == 1)
+        assert admin.call("DELETE", "/admin/backends/a",
+                          params={"wait_s": 0}).status_code == 202
+        # the file still has a: the reload keeps it, with its stream
+        resp = admin.call("POST", "/admin/reload")
+        assert resp.status_code == 200 and resp.json()["added"] == ["a"], resp.text
+        view = admin.backends()["a"]
+        assert (view["removing"], view["draining"], view["in_flight"]) == (False, False, 1)
+        assert complete(running.result(), 25)
+    assert proxy.config.read_text() == config_text
+    assert stream(proxy, 2).backend == "a"  # first in spillover order again

@@ -148,13 +148,19 @@ def test_a_drain_finishes_the_streams_in_flight_and_routes_nothing_new(
     assert admin.call("POST", "/admin/backends/zz/drain").status_code == 404
 
 
-def test_remove_waits_for_the_last_stream_and_an_added_backend_takes_traffic(
-        launch: Launcher) -> None:
+def slow_first_pair(launch: Launcher) -> tuple[Server, Server, Server, Admin]:
+    """a (25 tokens take 1 s) then b, filled in that order (spillover), admin on."""
     a = launch.upstream("a", token_delay_ms=40)
     b = launch.upstream("b")
     proxy, admin = admin_proxy(launch, [backend("a", a, models=["m"]),
                                         backend("b", b, models=["m"])],
                                routing={"policy": "spillover"})
+    return a, b, proxy, admin
+
+
+def test_remove_waits_for_the_last_stream_and_an_added_backend_takes_traffic(
+        launch: Launcher) -> None:
+    a, b, proxy, admin = slow_first_pair(launch)
     with ThreadPoolExecutor(2) as pool:
         running = [pool.submit(stream, proxy, 25) for _ in range(2)]
         wait_for(lambda: a.get("/_stats")["active"] == 2)
@@ -315,11 +321,7 @@ def test_a_reload_that_changes_a_backend_keeps_or_resets_what_was_learned(
 
 def test_a_reload_that_brings_back_a_backend_still_finishing_its_removal(
         launch: Launcher) -> None:
-    a = launch.upstream("a", token_delay_ms=40)
-    b = launch.upstream("b")
-    proxy, admin = admin_proxy(launch, [backend("a", a, models=["m"]),
-                                        backend("b", b, models=["m"])],
-                               routing={"policy": "spillover"})
+    a, _, proxy, admin = slow_first_pair(launch)
     assert proxy.config is not None
     config_text = proxy.config.read_text()
     with ThreadPoolExecutor(1) as pool:

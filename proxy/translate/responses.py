@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.sse.framing import Framer
+from proxy.translate.chat_stream import chunks
 
 
 def to_chat(payload: dict[str, Any]) -> dict[str, Any]:
@@ -177,15 +178,8 @@ class StreamReshaper:
 
     def feed(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
-        for event in self._framer.feed(chunk):
-            if event.data is None or event.data == b"[DONE]":
-                continue
-            try:
-                data = orjson.loads(event.data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(data, dict):
-                self._chunk(data, out)
+        for data in chunks(self._framer, chunk):
+            self._chunk(data, out)
         return b"".join(out)
 
     def _start(self, data: dict[str, Any], out: list[bytes]) -> None:

@@ -10,8 +10,10 @@ backend that dies during prefill is still retried.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import replace
 from time import perf_counter
+from typing import Any
 
 from backends.pool import Pool
 from backends.snapshot import Health
@@ -19,6 +21,7 @@ from proxy.admission import Admission
 from proxy.attempt import Attempt
 from proxy.clamp import fitted_max_tokens
 from proxy.errors import ProxyError
+from proxy.keepalive import error_event, keepalive_event
 from proxy.metrics import Metrics
 from proxy.request import ClientRequest
 from proxy.server import Headers, Reply
@@ -41,6 +44,7 @@ class Forwarder:
         metrics: Metrics,
         max_attempts: int,
         clamp_max_tokens: bool = True,
+        keepalive_s: float = 0.0,
     ) -> None:
         self._pool = pool
         self._admission = admission
@@ -48,6 +52,7 @@ class Forwarder:
         self._metrics = metrics
         self.max_attempts = max_attempts  # a reload may change it
         self.clamp_max_tokens = clamp_max_tokens
+        self.keepalive_s = keepalive_s  # 0: streams are held until the first upstream byte
 
     async def forward(self, request: ClientRequest, reply: Reply, attempts: list[Attempt]) -> None:
         """Serve the request, appending each try to `attempts` (the last one answered).
@@ -126,11 +131,27 @@ class Forwarder:
             path = CHAT_PATH
             body = translation.body(request.payload, state.served_model or request.route.model,
                                     fitted)
-        resp = await self._upstream.post(
+        post = self._upstream.post(
             attempt.backend, state.config.base_url + path, body,
             request.headers_for(state.upstream_key),
         )
+        if not (request.stream and self.keepalive_s > 0):
+            resp = await post
+        else:
+            try:
+                resp = await self._first_bytes_kept_alive(post, request, attempt, reply)
+            except ProxyError as exc:
+                if not attempt.started:
+                    raise
+                self._end_in_band(request, attempt, reply, exc)
+                return
         try:
+            if attempt.started and resp.status != 200:  # headers went out early: in-band
+                late = status_error(attempt.backend, resp.status, await resp.read(),
+                                    resp.retry_after)
+                resp.release()
+                self._end_in_band(request, attempt, reply, late)
+                return
             if resp.status >= 500 or resp.status == 429:
                 raise status_error(attempt.backend, resp.status, await resp.read(),
                                    resp.retry_after)
@@ -142,6 +163,38 @@ class Forwarder:
             resp.close()
             raise
         resp.release()
+
+    async def _first_bytes_kept_alive(
+        self, post: Coroutine[Any, Any, UpstreamResponse], request: ClientRequest,
+        attempt: Attempt, reply: Reply,
+    ) -> UpstreamResponse:
+        """Wait for the backend's first bytes; past `keepalive_s` of silence, commit the
+        stream and send a keep-alive event every `keepalive_s` (proxy/keepalive.py)."""
+        task = asyncio.ensure_future(post)
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=self.keepalive_s)
+                if done:
+                    return task.result()
+                if not attempt.started:
+                    self._commit(request, attempt, reply, "text/event-stream")
+                reply.write(keepalive_event(request.endpoint.name))
+        except BaseException:
+            task.cancel()
+            raise
+
+    def _end_in_band(self, request: ClientRequest, attempt: Attempt, reply: Reply,
+                     error: ProxyError) -> None:
+        """A failure after the headers went out early: an error event ends the stream."""
+        attempt.end(error.outcome)
+        reply.end(error_event(request.endpoint.name, error))
+
+    def _commit(self, request: ClientRequest, attempt: Attempt, reply: Reply,
+                content_type: str) -> None:
+        """Send the stream's status and headers: from here on, no retry."""
+        attempt.status = 200
+        attempt.started = True
+        reply.start(200, (*self._headers(request, attempt, content_type), *_STREAM_HEADERS))
 
     def _headers(self, request: ClientRequest, attempt: Attempt, content_type: str) -> Headers:
         return (
@@ -183,10 +236,9 @@ class Forwarder:
             observer = StreamObserver(False, CHAT)
             reshape = translation.reshaper(request.route.model)
         first = resp.first_chunk()
-        attempt.status = 200
-        attempt.started = True
-        content_type = resp.content_type if translation is None else "text/event-stream"
-        reply.start(200, (*self._headers(request, attempt, content_type), *_STREAM_HEADERS))
+        if not attempt.started:  # else committed early, with keep-alives
+            self._commit(request, attempt, reply,
+                         resp.content_type if translation is None else "text/event-stream")
 
         def relay(data: bytes) -> None:
             out = reshape.feed(observer.feed(data, perf_counter()))

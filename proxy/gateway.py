@@ -44,7 +44,7 @@ class Gateway:
         self._upstream = upstream = Upstream(self._data, settings.timeouts)
         self.forwarder = Forwarder(
             self.pool, self.admission, upstream, self.metrics, routing.max_attempts,
-            routing.clamp_max_tokens,
+            routing.clamp_max_tokens, settings.server.stream_keepalive_s,
         )
         self.monitor = Monitor(
             self.pool, self._control, settings.health.interval_s, settings.health.timeout_s

@@ -33,6 +33,9 @@ class ServerSettings(_Section):
     max_body_mb: PositiveFloat = 32
     access_log: bool = True  # one JSON line per request on stderr
     shutdown_grace_s: PositiveFloat = 30  # on SIGTERM: time left to requests in progress
+    # commit a silent stream after this many seconds and send keep-alives until the first
+    # upstream byte (proxy/keepalive.py); 0: hold it until then (retries stay possible)
+    stream_keepalive_s: Annotated[float, Field(ge=0)] = 0
 
 
 class RoutingSettings(_Section):

@@ -1,4 +1,5 @@
-"""Debian programs some tests drive: Chromium (the admin page) and promtool (/metrics).
+"""Debian programs some tests drive: Chromium (the admin page), promtool (/metrics) and
+nginx (an ingress that times out silent responses).
 
     python -m tests.debian_tools      # installs what is missing (apt-get, as root)
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from tests.machine import ensure_debian_packages
 
-TOOLS = {"chromium": "chromium", "promtool": "prometheus"}
+TOOLS = {"chromium": "chromium", "promtool": "prometheus", "nginx": "nginx-light"}
 
 
 def ensure() -> None:

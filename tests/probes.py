@@ -25,13 +25,26 @@ def gauges(server: Server) -> dict[str, float]:
 
 
 def access_records(proxy: Server) -> list[dict[str, Any]]:
-    """The proxy's access log so far, one dict per request."""
+    """The proxy's access log so far, one dict per request: once nothing is in flight, if
+    it still runs. A client can have its whole reply (an SDK reads the last event, a CLI
+    exits) a moment before the proxy has written the request's line: the proxy releases
+    the backend's slot and logs in one step of its event loop, so an idle proxy has
+    logged everything."""
+    if proxy.proc.poll() is None:
+        wait_for(lambda: _idle(proxy), timeout_s=15)
     out = []
     for line in proxy.output().splitlines():
         at = line.find('{"request_id"')
         if at >= 0:
             out.append(orjson.loads(line[at:]))
     return out
+
+
+def _idle(proxy: Server) -> bool:
+    try:
+        return gauges(proxy).get("sluiceway_backend_in_flight", 0.0) == 0
+    except httpx.HTTPError:
+        return False
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 5.0) -> float:

@@ -1,7 +1,10 @@
 """Background probing: health, model discovery, capacity discovery and load scraping.
 
 One round probes every backend concurrently, each bounded by the health timeout. A probe
-that fails part-way keeps what earlier rounds discovered.
+that fails part-way keeps what earlier rounds discovered. Between rounds, backends that
+are failing (down, ejected, or with failures in a row) are probed every `failing_s`, so a
+hung or dead backend is ejected within seconds (each failed probe counts towards ejection:
+backends/outlier.py).
 """
 
 from __future__ import annotations
@@ -28,22 +31,31 @@ _PROBE_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 
 class Monitor:
     def __init__(
-        self, pool: Pool, session: aiohttp.ClientSession, interval_s: float, timeout_s: float
+        self, pool: Pool, session: aiohttp.ClientSession, interval_s: float, timeout_s: float,
+        failing_s: float | None = None,
     ) -> None:
         self._pool = pool
         self._session = session
-        self._interval_s = interval_s
-        self._timeout_s = timeout_s
+        self.configure(interval_s, timeout_s, failing_s)
 
-    def configure(self, interval_s: float, timeout_s: float) -> None:
-        """New probe interval and timeout, from the next round on (a reload)."""
+    def configure(self, interval_s: float, timeout_s: float,
+                  failing_s: float | None = None) -> None:
+        """New probe intervals and timeout, from the next round on (a reload)."""
         self._interval_s, self._timeout_s = interval_s, timeout_s
+        self._failing_s = min(interval_s, failing_s or interval_s)
 
     async def run(self) -> None:
         """Probe forever; the gateway cancels this task at shutdown."""
+        loop = asyncio.get_running_loop()
+        next_round = loop.time() + self._interval_s
         while True:
-            await asyncio.sleep(self._interval_s)
-            await self.probe_all()
+            await asyncio.sleep(max(0.0, min(self._failing_s, next_round - loop.time())))
+            if loop.time() >= next_round - 1e-3:
+                await self.probe_all()
+                next_round = loop.time() + self._interval_s
+            else:
+                suspects = [s for s in self._pool if self._pool.suspect(s.name)]
+                await asyncio.gather(*(self.probe(state) for state in suspects))
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(state) for state in self._pool))
@@ -58,6 +70,8 @@ class Monitor:
         if health is not state.health:
             log.info("backend %s is %s %s", state.name, health.value, detail)
         self._pool.set_health(state.name, health, detail)
+        if health is not Health.LOADING:  # loading is neither up nor failing
+            self._pool.probed(state.name, health is Health.HEALTHY, detail)
         if discovered is not None:
             self._pool.set_discovered(state.name, discovered)
 

@@ -7,31 +7,47 @@ the listeners (the admission queue), so waiting requests are reconsidered at onc
 The set of backends can change while requests are in flight (the admin plane, a reload):
 a drained backend takes no new requests; a removed one is drained and leaves the pool
 when its last request ends, so every acquired slot is released on the state it came from.
+
+A backend that keeps failing is ejected for a while (backends/outlier.py); the pool counts
+the failures (live requests and health probes), schedules the end of each backoff on the
+event loop and tells its ejection listeners (the gateway abandons the requests still
+waiting there for a first byte, so they go elsewhere).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from time import perf_counter
 
 from backends.config import BackendConfig
 from backends.kinds import ADAPTERS
+from backends.outlier import Ejection, EjectionRule, Fault
 from backends.snapshot import Health, PoolSnapshot
 from backends.state import BackendState, Discovered
 from backends.stats import RequestResult
 from backends.tls import client_context
 
+log = logging.getLogger("sluiceway.pool")
+
 Listener = Callable[[], None]
+EjectListener = Callable[[BackendState, str], None]
+
+_ANSWERED = frozenset(("ok", "rejected"))  # the backend answered: alive
 
 
 class Pool:
-    def __init__(self, configs: Iterable[BackendConfig]) -> None:
+    def __init__(self, configs: Iterable[BackendConfig],
+                 ejection: EjectionRule | None = None) -> None:
         self._states: dict[str, BackendState] = {}
         for index, config in enumerate(configs):
             self._states[config.name] = _new_state(config, index)
         self._snapshot: PoolSnapshot | None = None
         self._listeners: list[Listener] = []
+        self._eject_listeners: list[EjectListener] = []
+        self.ejection = ejection or EjectionRule()  # a reload may change it
 
     def __iter__(self) -> Iterator[BackendState]:
         return iter(self._states.values())
@@ -50,6 +66,10 @@ class Pool:
 
     def unsubscribe(self, listener: Listener) -> None:
         self._listeners.remove(listener)
+
+    def on_eject(self, listener: EjectListener) -> None:
+        """Call `listener(state, reason)` whenever a backend is ejected."""
+        self._eject_listeners.append(listener)
 
     def snapshot(self) -> PoolSnapshot:
         if self._snapshot is None:
@@ -71,6 +91,8 @@ class Pool:
         state = self._states[name]
         state.advance_area(perf_counter())
         state.in_flight += 1
+        if state.outlier.state is Ejection.HALF_OPEN:
+            state.outlier.take()  # the trial: it takes nothing more until this ends
         self._changed(notify=False)  # taking a slot never frees room for a waiter
         return state
 
@@ -83,9 +105,62 @@ class Pool:
         state.advance_area(perf_counter())
         state.in_flight -= 1
         state.stats.record(result)
+        if result.fault:
+            self._failed(state, result.fault, f"{result.outcome} on a request")
+        elif result.outcome in _ANSWERED:
+            if state.outlier.succeeded():
+                log.info("backend %s answered its trial request: back in routing", name)
+        else:
+            state.outlier.ended_neutral()
         if state.removing and state.in_flight == 0:
-            del self._states[name]
+            self._drop(state)
         self._changed()
+
+    def probed(self, name: str, passed: bool, detail: str = "") -> None:
+        """A health probe's verdict: a failure counts as the backend being down; a pass
+        ends an ejection for being down (not one for answering errors)."""
+        state = self._states.get(name)  # None: removed while it was being probed
+        if state is None:
+            return
+        if not passed:
+            self._failed(state, Fault.DOWN, f"health probe: {detail}")
+        elif state.outlier.probe_passed():
+            self._cancel_expiry(state)
+            log.info("backend %s passes its probes again: half-open", name)
+        else:
+            return
+        self._changed()
+
+    def suspect(self, name: str) -> bool:
+        """Failing lately, down, or out of routing for failing: worth probing more often."""
+        state = self._states[name]
+        return (state.outlier.failures > 0 or state.health is Health.DOWN
+                or state.outlier.state is not Ejection.ACTIVE)
+
+    def _failed(self, state: BackendState, fault: Fault, reason: str) -> None:
+        outlier = state.outlier
+        backoff = outlier.failed(self.ejection, self._may_eject(state), fault)
+        if backoff is None:
+            return
+        loop = asyncio.get_running_loop()
+        outlier.until = loop.time() + backoff
+        self._cancel_expiry(state)
+        state.expiry = loop.call_later(backoff, self._expire, state)
+        log.warning("backend %s ejected for %g s after %d failures in a row (last: %s)",
+                    state.name, backoff, outlier.failures, reason)
+        for listener in tuple(self._eject_listeners):
+            listener(state, reason)
+
+    def _expire(self, state: BackendState) -> None:
+        state.expiry = None
+        state.outlier.expire()
+        self._changed()  # routable again: waiters may go there
+
+    def _may_eject(self, state: BackendState) -> bool:
+        """Ejection never leaves one of the backend's models without a routable backend."""
+        others = [s for s in self._states.values() if s is not state and s.health.routable
+                  and not s.draining and not s.outlier.blocked]
+        return all(any(model in other.models for other in others) for model in state.models)
 
     def set_health(self, name: str, health: Health, detail: str = "") -> None:
         state = self._states.get(name)  # None: removed while it was being probed
@@ -139,7 +214,7 @@ class Pool:
         state = self._states[name]
         state.draining = state.removing = True
         if state.in_flight == 0:
-            del self._states[name]
+            self._drop(state)
         self._changed()
         return name not in self._states
 
@@ -152,9 +227,33 @@ class Pool:
         if state.config.url != config.url or state.config.kind != config.kind:
             state.health, state.health_detail = fresh.health, fresh.health_detail
             state.discovered, state.stats = fresh.discovered, fresh.stats
+            self._end_ejection(state)
         state.config, state.adapter = config, fresh.adapter
         state.upstream_key, state.tls = fresh.upstream_key, fresh.tls
         self._changed()
+
+    def end_ejection(self, name: str) -> None:
+        """Return an ejected backend to routing now (an operator's call)."""
+        self._end_ejection(self._states[name])
+        self._changed()
+
+    def close(self) -> None:
+        """Cancel the pending ends of backoffs (at shutdown)."""
+        for state in self._states.values():
+            self._end_ejection(state)
+
+    def _end_ejection(self, state: BackendState) -> None:
+        self._cancel_expiry(state)
+        state.outlier.reset()
+
+    def _cancel_expiry(self, state: BackendState) -> None:
+        if state.expiry is not None:
+            state.expiry.cancel()
+            state.expiry = None
+
+    def _drop(self, state: BackendState) -> None:
+        self._end_ejection(state)
+        del self._states[state.name]
 
     def _changed(self, notify: bool = True) -> None:
         self._snapshot = None

@@ -43,10 +43,11 @@ class BackendSnapshot:
     prefill_chars_per_s: float | None = None  # learned; see BackendStats
     mean_uncached_chars: float | None = None  # the prompts behind the TTFT curve
     draining: bool = False  # taken out of rotation by an operator: finishes, takes nothing
+    ejected: bool = False  # failing: out for a backoff, or half-open with its trial out
 
     @property
     def routable(self) -> bool:
-        return self.health.routable and not self.draining
+        return self.health.routable and not self.draining and not self.ejected
 
     @property
     def has_room(self) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from time import perf_counter
 
 from backends.adapter import Adapter
 from backends.config import BackendConfig
+from backends.outlier import Outlier
 from backends.snapshot import BackendSnapshot, Health
 from backends.stats import BackendStats
 
@@ -37,6 +39,8 @@ class BackendState:
     in_flight: int = 0
     draining: bool = False  # no new requests (admin drain, or on the way out)
     removing: bool = False  # leaves the pool when its last request ends
+    outlier: Outlier = field(default_factory=Outlier)  # ejection after failures in a row
+    expiry: asyncio.TimerHandle | None = None  # ends the ejection's backoff
     discovered: Discovered = field(default_factory=Discovered)
     stats: BackendStats = field(default_factory=BackendStats)
     load_area: float = 0.0  # integral of in_flight over time (request-seconds)
@@ -75,6 +79,7 @@ class BackendState:
             kind=self.config.kind.value,
             health=self.health,
             draining=self.draining,
+            ejected=self.outlier.blocked,
             capacity=self.capacity,
             in_flight=self.in_flight,
             models=frozenset(self.models),

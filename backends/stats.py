@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backends.curve import CurveLearner
+from backends.outlier import Fault
 
 
 class Ewma:
@@ -29,7 +30,8 @@ class Ewma:
 class RequestResult:
     """What one finished request taught us about its backend."""
 
-    outcome: str  # ok | upstream_error | timeout | client_closed | rejected
+    outcome: str  # ok | upstream_error | timeout | client_closed | rejected | unmeasured
+    fault: Fault = Fault.NONE  # how the backend failed it (ejection: backends/outlier.py)
     ttft_s: float | None = None
     output_tokens: int = 0
     decode_s: float | None = None  # first content to last chunk

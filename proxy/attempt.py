@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from time import perf_counter
 
+from backends.outlier import Fault
 from backends.stats import RequestResult
 from proxy.sse import StreamObserver, token_counts
 
@@ -18,6 +19,7 @@ class Attempt:
         "concurrency",
         "ended_at",
         "estimated",
+        "fault",
         "first_content_at",
         "load_area_at_start",
         "outcome",
@@ -41,6 +43,7 @@ class Attempt:
         self.started = False  # some byte of the response reached the client
         self.status = 0  # what the client was (or will be) answered
         self.outcome = "upstream_error"
+        self.fault = Fault.NONE  # how the backend failed this try, if it did
         self.prompt_tokens = 0
         self.output_tokens = 0
         self.cached_tokens = 0  # of the prompt, served from the backend's prefix cache
@@ -104,6 +107,7 @@ class Attempt:
     def result(self) -> RequestResult:
         return RequestResult(
             outcome=self.outcome,
+            fault=self.fault,
             ttft_s=self.ttft_s,
             output_tokens=self.output_tokens,
             decode_s=self.decode_s,

@@ -124,8 +124,9 @@ class Calibrator:
             answered = not problem and attempt.answered and attempt.output_tokens > 1
             attempt.end("ok" if answered else "rejected")
             attempt.settle(self._pool.load_area(name))
-            # a failed probe teaches nothing; the next round tries again
-            result = attempt.result() if answered else RequestResult("rejected")
+            # a failed probe teaches nothing (nor counts for ejection); the next round
+            # tries again
+            result = attempt.result() if answered else RequestResult("unmeasured")
             self._pool.release(name, result)
         if not answered:
             log.warning("calibrating backend %s failed: %s", name,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import orjson
 
+from backends.outlier import Fault
+
 
 class ProxyError(Exception):
     def __init__(
@@ -22,6 +24,7 @@ class ProxyError(Exception):
         outcome: str = "rejected",
         retryable: bool = False,
         backend_down: bool = False,
+        fault: Fault = Fault.NONE,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,6 +36,7 @@ class ProxyError(Exception):
         self.outcome = outcome  # the `outcome` label this error counts under
         self.retryable = retryable  # another backend may be tried, if nothing was sent yet
         self.backend_down = backend_down  # the backend could not be reached at all
+        self.fault = fault  # how the backend failed, if it did (counts towards ejection)
 
     def body(self, anthropic: bool = False) -> bytes:
         """OpenAI's `{"error": {...}}`, or Anthropic's shape on `/v1/messages`."""
@@ -89,23 +93,26 @@ def no_capacity(reason: str, retry_after_s: int) -> ProxyError:
 
 
 def upstream_failed(
-    message: str, *, retryable: bool = True, backend_down: bool = False
+    message: str, fault: Fault, *, retryable: bool = True, backend_down: bool = False
 ) -> ProxyError:
     return ProxyError(
         502, message, "server_error", "upstream_error",
-        outcome="upstream_error", retryable=retryable, backend_down=backend_down,
+        outcome="upstream_error", retryable=retryable, backend_down=backend_down, fault=fault,
     )
 
 
-def upstream_overloaded(message: str, retry_after_s: int | None) -> ProxyError:
+def upstream_overloaded(message: str, retry_after_s: int | None, fault: Fault) -> ProxyError:
     return ProxyError(
         503, message, "server_error", "upstream_overloaded", retry_after_s=retry_after_s or 1,
-        outcome="upstream_error", retryable=True,
+        outcome="upstream_error", retryable=True, fault=fault,
     )
 
 
-def upstream_timeout(message: str) -> ProxyError:
-    return ProxyError(504, message, "server_error", "upstream_timeout", outcome="timeout")
+def upstream_timeout(message: str, *, retryable: bool = False) -> ProxyError:
+    """A backend that said nothing in time: hung, or far too slow. Retryable while nothing
+    has reached the client (a timeout before the first byte)."""
+    return ProxyError(504, message, "server_error", "upstream_timeout", outcome="timeout",
+                      retryable=retryable, fault=Fault.DOWN)
 
 
 def headers_too_large(limit_bytes: int) -> ProxyError:

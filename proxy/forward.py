@@ -81,6 +81,7 @@ class Forwarder:
             except ProxyError as exc:
                 attempt.end(exc.outcome)
                 attempt.status = exc.status
+                attempt.fault = exc.fault
                 if exc.backend_down:
                     self._pool.set_health(name, Health.DOWN, exc.message)
                 if not exc.retryable or attempt.started:
@@ -186,6 +187,7 @@ class Forwarder:
     def _end_in_band(self, request: ClientRequest, attempt: Attempt, reply: Reply,
                      error: ProxyError) -> None:
         """A failure after the headers went out early: an error event ends the stream."""
+        attempt.fault = error.fault
         attempt.end(error.outcome)
         reply.end(error_event(request.endpoint.name, error))
 
@@ -257,7 +259,7 @@ class Forwarder:
             tail = reshape.feed((observer.feed(last, perf_counter()) if last else b"")
                                 + observer.flush()) + reshape.finish()
         except ProxyError as exc:  # the upstream failed mid-stream: tell the client in-band
-            outcome = exc.outcome
+            outcome, attempt.fault = exc.outcome, exc.fault
             if translation is None:
                 lead = b"\n\n" if observer.mid_event else b""
                 tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Callable
 
@@ -25,11 +26,13 @@ from proxy.reload import Changes, plan
 from proxy.settings import RoutingSettings, Settings
 from proxy.upstream import Upstream, make_client
 
+log = logging.getLogger("sluiceway.gateway")
+
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = Pool(settings.backends)
+        self.pool = Pool(settings.backends, settings.health.ejection)
         self.aliases = Aliases(settings.models.aliases)
         routing = settings.routing
         self.policy = _policy(routing)
@@ -46,9 +49,10 @@ class Gateway:
             self.pool, self.admission, upstream, self.metrics, routing.max_attempts,
             routing.clamp_max_tokens, settings.server.stream_keepalive_s,
         )
-        self.monitor = Monitor(
-            self.pool, self._control, settings.health.interval_s, settings.health.timeout_s
-        )
+        health = settings.health
+        self.monitor = Monitor(self.pool, self._control, health.interval_s, health.timeout_s,
+                               health.failing_interval_s)
+        self.pool.on_eject(self._abandon_waiting)
         self.calibrator = Calibrator(self.pool, upstream, routing.calibrate_tokens)
         self._tasks: list[asyncio.Task[None]] = []
         self._reconfiguring = asyncio.Lock()  # one change to the backend set at a time
@@ -130,7 +134,10 @@ class Gateway:
             if changes.routing:
                 self._configure_routing(new.routing)
             if changes.health:
-                self.monitor.configure(new.health.interval_s, new.health.timeout_s)
+                health = new.health
+                self.monitor.configure(health.interval_s, health.timeout_s,
+                                       health.failing_interval_s)
+                self.pool.ejection = health.ejection
             if changes.timeouts:
                 self._upstream.configure(new.timeouts)
             if changes.models:
@@ -159,6 +166,13 @@ class Gateway:
                 self.pool.set_draining(config.name, False)
         return state
 
+    def _abandon_waiting(self, state: BackendState, reason: str) -> None:
+        """An ejected backend's requests still waiting for a first byte go elsewhere."""
+        moved = self._upstream.abandon(state, reason)
+        if moved:
+            log.warning("%d requests waiting on backend %s go to other backends", moved,
+                        state.name)
+
     def _configure_routing(self, routing: RoutingSettings) -> None:
         old = self.settings.routing
         if (routing.policy, routing.affinity) != (old.policy, old.affinity):
@@ -174,6 +188,7 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.pool.close()
         await self._data.close()
         await self._control.close()
 

@@ -18,7 +18,7 @@ reader together, as they arrive.
   per-chunk path schedules no timers (rescheduling a deadline on every chunk cost two heap
   operations per SSE event).
 - Failures are this module's own exceptions (`ConnectFailed`, `Dropped`, `Stalled`,
-  `BadResponse`, `BadHeader`);
+  `BadResponse`, `BadHeader`, `Abandoned`);
   proxy/upstream.py, the one boundary with the upstream network, translates them.
 
 Other timeouts are the caller's: it wraps `request` and the first read in its own
@@ -56,6 +56,10 @@ class Dropped(WireError):
     def __init__(self, message: str, before_reply: bool) -> None:
         super().__init__(message)
         self.before_reply = before_reply
+
+
+class Abandoned(WireError):
+    """The caller gave up waiting for this response (its backend was ejected)."""
 
 
 class BadResponse(WireError):
@@ -372,6 +376,11 @@ class _Connection(asyncio.Protocol):
         self._transport.write(data)
         return self._response, self._ready
 
+    @property
+    def awaiting_first_bytes(self) -> bool:
+        ready = self._ready
+        return ready is not None and not ready.done()
+
     def reusable(self) -> bool:
         response = self._response
         return (not self.closed and self._keep_alive and response is not None
@@ -488,6 +497,15 @@ class H1Client:
             conn.close()
         self._busy.clear()
         await asyncio.sleep(0)  # let the transports run their connection_lost
+
+    def abandon(self, origin: tuple[str, str, int], reason: str) -> int:
+        """Fail with `Abandoned` every request to `origin` still waiting for its first body
+        bytes, closing its connection. Returns how many there were."""
+        waiting = [c for c in self._busy if c.origin == origin and c.awaiting_first_bytes]
+        for conn in waiting:
+            self._busy.discard(conn)
+            conn._abandon(Abandoned(reason))
+        return len(waiting)
 
     def idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from backends.outlier import Ejection
 from backends.pool import Pool
 from backends.snapshot import Health
 
@@ -107,7 +108,13 @@ class Metrics:
             "action and result (ok, rejected, not_found, conflict).",
             ["action", "result"], registry=r,
         ))
-        r.register(_LiveState(pool, queue_depth))
+        self._live = _LiveState(pool, queue_depth)
+        r.register(self._live)
+
+    def watch_server(self, connections: Callable[[], tuple[int, int]]) -> None:
+        """Export the HTTP server's open and refused client connections (`connections`
+        returns both), once it listens."""
+        self._live.connections = connections
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -117,6 +124,7 @@ class _LiveState(Collector):
     def __init__(self, pool: Pool, queue_depth: Callable[[], int]) -> None:
         self._pool = pool
         self._queue_depth = queue_depth
+        self.connections: Callable[[], tuple[int, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
@@ -135,6 +143,14 @@ class _LiveState(Collector):
             "it is being removed): requests in flight finish, no new ones go there.",
             labels=["backend"],
         )
+        ejected = GaugeMetricFamily(
+            "sluiceway_backend_ejected", "1 while the backend is out of routing for failing "
+            "(ejected, or half-open: one trial request at a time).", labels=["backend"],
+        )
+        ejections = CounterMetricFamily(
+            "sluiceway_backend_ejections", "Times the backend was ejected for failures in a "
+            "row.", labels=["backend"],
+        )
         kv_cache = GaugeMetricFamily(
             "sluiceway_backend_kv_cache_usage", "The engine's KV-cache fill, 0-1, as scraped "
             "from its /metrics (vLLM); absent where not published.", labels=["backend"],
@@ -147,12 +163,24 @@ class _LiveState(Collector):
                 capacity.add_metric([state.name], state.capacity)
             healthy.add_metric([state.name], 1.0 if state.health is Health.HEALTHY else 0.0)
             draining.add_metric([state.name], 1.0 if state.draining else 0.0)
+            outlier = state.outlier
+            ejected.add_metric([state.name], 0.0 if outlier.state is Ejection.ACTIVE else 1.0)
+            ejections.add_metric([state.name], outlier.ejections_total)
         yield in_flight
         yield capacity
         yield healthy
         yield draining
+        yield ejected
+        yield ejections
         yield kv_cache
         yield GaugeMetricFamily(
             "sluiceway_queue_depth", "Requests waiting for a backend with room.",
             value=self._queue_depth(),
         )
+        if self.connections is not None:
+            open_now, refused = self.connections()
+            yield GaugeMetricFamily(
+                "sluiceway_client_connections", "Open client connections.", value=open_now)
+            yield CounterMetricFamily(
+                "sluiceway_client_connections_refused", "Client connections turned away "
+                "with 503 at server.max_connections.", value=refused)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import orjson
 
+from backends.outlier import Ejection, Outlier
 from backends.pool import Pool
 from backends.snapshot import Health
 from backends.state import BackendState
@@ -44,18 +46,30 @@ def models(pool: Pool, aliases: Aliases, anthropic: bool = False) -> bytes:
 
 
 def ready(pool: Pool) -> tuple[int, bytes]:
-    """Ready while some backend is healthy and not drained (one that is drained finishes
-    what it has but takes nothing new)."""
-    healthy = [s.name for s in pool if s.health is Health.HEALTHY and not s.draining]
+    """Ready while some backend is healthy, not drained (one that is drained finishes
+    what it has but takes nothing new) and not ejected for failing."""
+    healthy = [s.name for s in pool if s.health is Health.HEALTHY and not s.draining
+               and not s.outlier.blocked]
     draining = [s.name for s in pool if s.draining]
+    ejected = [s.name for s in pool if s.outlier.state is not Ejection.ACTIVE]
     status = 200 if healthy else 503
     return status, orjson.dumps({"ready": bool(healthy), "healthy_backends": healthy,
-                                 "draining_backends": draining})
+                                 "draining_backends": draining, "ejected_backends": ejected})
 
 
 def admin_backends(pool: Pool, policy: str, queue_depth: int) -> bytes:
     backends = [backend_view(s) for s in pool]
     return orjson.dumps({"policy": policy, "queue_depth": queue_depth, "backends": backends})
+
+
+def ejection_view(outlier: Outlier) -> dict[str, Any]:
+    """Where the backend stands with outlier ejection (backends/outlier.py)."""
+    left = None
+    if outlier.state is Ejection.EJECTED and outlier.until is not None:
+        left = round(max(0.0, outlier.until - asyncio.get_running_loop().time()), 3)
+    return {"state": outlier.state.value, "failures_in_a_row": outlier.failures,
+            "ejections_in_a_row": outlier.ejections, "ejections_total": outlier.ejections_total,
+            "seconds_left": left, "last_fault": outlier.last_fault.value or None}
 
 
 def backend_view(s: BackendState) -> dict[str, Any]:
@@ -70,6 +84,7 @@ def backend_view(s: BackendState) -> dict[str, Any]:
         "health_detail": s.health_detail,
         "draining": s.draining,
         "removing": s.removing,
+        "ejection": ejection_view(s.outlier),
         "capacity": s.capacity,
         "capacity_source": "config" if s.config.max_concurrency else (
             "discovered" if s.discovered.capacity else None

@@ -9,10 +9,18 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backends.config import BackendConfig
+from backends.outlier import EjectionRule
 from policies import POLICIES
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -36,6 +44,10 @@ class ServerSettings(_Section):
     # commit a silent stream after this many seconds and send keep-alives until the first
     # upstream byte (proxy/keepalive.py); 0: hold it until then (retries stay possible)
     stream_keepalive_s: Annotated[float, Field(ge=0)] = 0
+    # a request's head must arrive within this (slowloris); its body within 75 s
+    head_timeout_s: PositiveFloat = 10
+    # open client connections; past it an idle keep-alive one is closed, else 503 + close
+    max_connections: Annotated[int, Field(ge=1)] = 4096
 
 
 class RoutingSettings(_Section):
@@ -61,6 +73,23 @@ class RoutingSettings(_Section):
 class HealthSettings(_Section):
     interval_s: PositiveFloat = 5
     timeout_s: PositiveFloat = 2
+    # a backend that is failing (down, ejected, failures in a row) is probed this often
+    failing_interval_s: PositiveFloat = 1
+    # outlier ejection (backends/outlier.py): failures in a row (live requests and probes)
+    # that take a backend out of routing, 0 never; for a backoff that doubles per ejection
+    eject_after_failures: Annotated[int, Field(ge=0)] = 3
+    ejection_s: PositiveFloat = 5
+    max_ejection_s: PositiveFloat = 300
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> HealthSettings:
+        if self.max_ejection_s < self.ejection_s:
+            raise ValueError("max_ejection_s must be at least ejection_s")
+        return self
+
+    @property
+    def ejection(self) -> EjectionRule:
+        return EjectionRule(self.eject_after_failures, self.ejection_s, self.max_ejection_s)
 
 
 class TimeoutSettings(_Section):

@@ -15,10 +15,13 @@ from collections.abc import Callable, Iterable, Mapping
 
 import orjson
 
+from backends.outlier import Fault
 from backends.state import BackendState
 from proxy.errors import ProxyError, upstream_failed, upstream_overloaded, upstream_timeout
 from proxy.h1 import (
+    Abandoned,
     BadHeader,
+    BadResponse,
     ConnectFailed,
     Dropped,
     H1Client,
@@ -70,7 +73,8 @@ class UpstreamResponse:
             async with asyncio.timeout_at(self._deadline_s + self._idle_s):
                 return await self._resp.read()
         except TimeoutError:
-            raise upstream_timeout(f"backend {self.backend} did not finish its reply") from None
+            raise upstream_timeout(f"backend {self.backend} did not finish its reply",
+                                   retryable=True) from None
         except WireError as exc:
             raise _wire_error(self.backend, exc) from None
 
@@ -125,6 +129,12 @@ class Upstream:
         self._timeouts = timeouts
         self._client.connect_timeout_s = timeouts.connect_s
 
+    def abandon(self, state: BackendState, reason: str) -> int:
+        """Give up the requests to `state` still waiting for their first body bytes (it
+        was ejected: they fail as retryable and go to another backend). Returns how many."""
+        origin = parse_url(state.config.base_url).origin
+        return self._client.abandon(origin, f"backend {state.name} was ejected ({reason})")
+
     def trust(self, state: BackendState) -> None:
         """Use the backend's own TLS settings for its origin (a backend added or changed at
         run time; those known at start are given to `make_client`)."""
@@ -153,9 +163,10 @@ class Upstream:
                     resp = await self._client.request(target, body, headers, fresh=last_try)
                 return UpstreamResponse(self._client, resp, backend, deadline,
                                         self._timeouts.idle_s)
-            except TimeoutError:
+            except TimeoutError:  # hung, or far too slow: nothing was sent on, so try another
                 raise upstream_timeout(
-                    f"backend {backend} sent no data within {self._timeouts.first_byte_s:g} s"
+                    f"backend {backend} sent no data within {self._timeouts.first_byte_s:g} s",
+                    retryable=True,
                 ) from None
             except WireError as exc:
                 if last_try or not _dropped_connection(exc):
@@ -174,21 +185,25 @@ def _dropped_connection(exc: WireError) -> bool:
 
 def _wire_error(backend: str, exc: WireError) -> ProxyError:
     if isinstance(exc, ConnectFailed):
-        return upstream_failed(f"backend {backend} could not be reached: {exc}",
+        return upstream_failed(f"backend {backend} could not be reached: {exc}", Fault.DOWN,
                                backend_down=True)
-    if isinstance(exc, BadHeader):
-        return upstream_failed(f"request for backend {backend} not sent: {exc}")
-    return upstream_failed(f"backend {backend} failed: {exc}")
+    if isinstance(exc, BadHeader):  # ours, not the backend's
+        return upstream_failed(f"request for backend {backend} not sent: {exc}", Fault.NONE)
+    if isinstance(exc, Abandoned):
+        return upstream_failed(f"{exc}; the request had not started", Fault.DOWN)
+    fault = Fault.ERROR if isinstance(exc, BadResponse) else Fault.DOWN
+    return upstream_failed(f"backend {backend} failed: {exc}", fault)
 
 
 def status_error(backend: str, status: int, body: bytes, retry_after: str | None) -> ProxyError:
     """A 5xx or 429 answer, as a retryable error that keeps the upstream's message."""
     detail = _message_of(body)
-    if status in (429, 503):
+    if status in (429, 503):  # a 429 is load, not a fault; a 503 is a server error
         return upstream_overloaded(
-            f"backend {backend} is overloaded (HTTP {status}){detail}", _seconds(retry_after)
+            f"backend {backend} is overloaded (HTTP {status}){detail}", _seconds(retry_after),
+            Fault.ERROR if status == 503 else Fault.NONE,
         )
-    return upstream_failed(f"backend {backend} failed with HTTP {status}{detail}")
+    return upstream_failed(f"backend {backend} failed with HTTP {status}{detail}", Fault.ERROR)
 
 
 def _message_of(body: bytes) -> str:

@@ -51,6 +51,16 @@ class Actions:
             await self._gateway.wait_idle(name, wait_s)
         return state
 
+    def readmit(self, name: str) -> BackendState:
+        """End an ejection now: the backend takes requests again (its next failures count
+        from zero)."""
+        with self._counted("readmit"):
+            state = self.backend(name)
+            was = state.outlier.state.value
+            self._gateway.pool.end_ejection(name)
+            log.info("backend %s readmitted by an operator (was %s)", name, was)
+        return state
+
     async def add(self, config: BackendConfig) -> BackendState:
         with self._counted("add"):
             if config.name in self._gateway.pool:

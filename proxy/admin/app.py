@@ -79,6 +79,11 @@ def make_app(gateway: Gateway, settings: AdminSettings, actions: Actions) -> Fas
     async def undrain(name: str) -> BackendView:
         return _view(await actions.drain(name, False, 0))
 
+    @app.post("/admin/backends/{name}/readmit", dependencies=guarded)
+    async def readmit(name: str) -> BackendView:
+        """End the backend's ejection for failing now, rather than at its backoff's end."""
+        return _view(actions.readmit(name))
+
     @app.post("/admin/backends", dependencies=guarded, status_code=201)
     async def add(config: BackendConfig) -> BackendView:
         """Add a backend (a `[[backends]]` entry): probed and calibrated before it takes

@@ -5,6 +5,18 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
+class EjectionView(BaseModel):
+    """Outlier ejection (backends/outlier.py): active, ejected (out for `seconds_left`) or
+    half_open (one trial request at a time)."""
+
+    state: str
+    failures_in_a_row: int
+    ejections_in_a_row: int
+    ejections_total: int
+    seconds_left: float | None
+    last_fault: str | None  # down | error
+
+
 class BackendView(BaseModel):
     """One backend: its configuration, live state and what sluiceway learned of it."""
 
@@ -17,6 +29,7 @@ class BackendView(BaseModel):
     health_detail: str
     draining: bool
     removing: bool
+    ejection: EjectionView
     capacity: int | None
     capacity_source: str | None
     in_flight: int

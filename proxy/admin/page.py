@@ -21,6 +21,7 @@ h1 { font-size: 1.3em; margin: 0 0 .2em; }
          font-size: .85em; margin-left: .4em; }
 .healthy { background: #2a7; } .unknown { background: #888; } .loading { background: #c90; }
 .down { background: #c33; } .draining { background: #557; }
+.ejected { background: #b50; } .half_open { background: #a80; }
 .bar { background: #eee; height: 10px; border-radius: 3px; margin: .3em 0 .6em; }
 .bar div { background: #36c; height: 10px; border-radius: 3px; }
 .charts { display: flex; gap: .5em; }
@@ -99,6 +100,8 @@ function card(b) {
   head.appendChild(el("span", {class: "badge " + b.health}, b.health));
   if (b.draining) head.appendChild(el("span", {class: "badge draining"},
                                       b.removing ? "removing" : "draining"));
+  if (b.ejection.state !== "active") head.appendChild(el("span", {
+      class: "badge " + b.ejection.state}, b.ejection.state.replace("_", "-")));
   node.appendChild(head);
   node.appendChild(el("div", {class: "facts"}, b.kind + " at " + b.url));
   const cap = b.capacity;

@@ -32,6 +32,7 @@ from proxy.errors import (
     unauthorized,
     unknown_model,
 )
+from proxy.fdlimit import ensure_room
 from proxy.gateway import Gateway
 from proxy.metrics import CONTENT_TYPE
 from proxy.request import ROUTED, ClientRequest, Endpoint, parse
@@ -55,8 +56,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None,
     admin: AdminServer | None = None
     try:
         app = App(settings, gateway)
-        server = HttpServer(app.handle, max_body=app.body_limit)
+        limits = settings.server
+        ensure_room(limits.max_connections)
+        server = HttpServer(app.handle, max_body=app.body_limit,
+                            head_timeout_s=limits.head_timeout_s,
+                            max_connections=limits.max_connections)
         await server.listen(settings.server.host, settings.server.port)
+        gateway.metrics.watch_server(lambda: (len(server.connections),
+                                              server.refused_connections))
         log.info("sluiceway listening on http://%s:%d (policy %s, %d backends)",
                  settings.server.host, server.ports[0], gateway.policy.name,
                  len(settings.backends))

@@ -12,8 +12,13 @@ The connection handles keep-alive and pipelining (requests on one connection are
 in order, reading pauses while too many wait), HTTP/1.0 (a streamed reply is then
 delimited by closing), `Expect: 100-continue`, a body limit (the handler is called at once
 with `Request.oversized` set, and the connection closes after its answer), a header limit
-(431), malformed requests (400, then close), a timeout for idle connections and slow
-requests, write backpressure (`Reply.paused`, `Reply.on_resume`), and graceful shutdown.
+(431), malformed requests (400, then close; RFC 9112's Host rule included), a timeout for
+idle connections and slow requests (a shorter one for a request's head, against slowloris:
+408, then close), a limit on open connections (past it an idle keep-alive connection is
+closed to make room, else the newcomer gets 503 and a close), write backpressure
+(`Reply.paused`, `Reply.on_resume`), and graceful shutdown. Ambiguous framing (a
+Content-Length beside Transfer-Encoding, two lengths, a transfer coding other than a
+final `chunked`) is refused by llhttp itself; tests/test_http_corpus.py holds the corpus.
 """
 
 from __future__ import annotations
@@ -171,8 +176,12 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._server.connections.add(self)
-        self._arm_timer()
+        if not self._server.admit(self):
+            self._transport.write(_BUSY)
+            self._transport.close()
+            self.closed = True
+            return
+        self._arm_timer(self._server.head_timeout_s)  # its first request's head, in time
 
     def data_received(self, data: bytes) -> None:
         if self._stop_reading:
@@ -195,6 +204,8 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is None:
+            return
         self.closed = True
         self._server.connections.discard(self)
         self._cancel_timer()
@@ -220,7 +231,7 @@ class _Connection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self._oversized = False
-        self._arm_timer()  # the whole request must arrive within the timeout
+        self._arm_timer(self._server.head_timeout_s)  # the head, within its timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -232,6 +243,8 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._arm_timer()  # the body, within the request timeout
+        _check_framing(self._headers, self._parser.get_http_version())
         limit = self._server.max_body
         declared = _content_length(self._headers)
         if declared is not None and declared > limit:
@@ -251,6 +264,10 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_message = False
         self._arm_timer()
+        if not self._parser.should_keep_alive():
+            # the client said this was its last request: anything after it is ignored (not
+            # parsed and refused, nor answered); reading goes on, to see a disconnect
+            self._stop_reading = self.closing = True
         if self._oversized:  # answered already; the rest of its body was read and dropped
             if self.idle():
                 self.close()
@@ -289,6 +306,8 @@ class _Connection(asyncio.Protocol):
         return False
 
     def _refuse(self, error: ProxyError) -> None:
+        if self._stop_reading:
+            return  # bytes past the last request, or past one refused already
         self._enqueue(error)
         self._stop_after_this()
 
@@ -380,14 +399,22 @@ class _Connection(asyncio.Protocol):
     def idle(self) -> bool:
         return self._task is None and not self._queue
 
+    @property
+    def in_message(self) -> bool:
+        """Part of a request has arrived."""
+        return self._in_message
+
     def busy(self) -> bool:
         return self._task is not None
 
-    def _arm_timer(self) -> None:
-        """Move the deadline; the one timer is re-armed only when it fires early, so a
-        request costs no timer operations (three reschedules otherwise)."""
-        self._deadline = self._loop.time() + self._server.timeout_s
-        if self._timer is None:
+    def _arm_timer(self, seconds: float | None = None) -> None:
+        """Move the deadline (`seconds` from now, the server's timeout by default); the
+        one timer is re-armed only when it fires early, so a request costs no timer
+        operations (three reschedules otherwise)."""
+        self._deadline = self._loop.time() + (seconds or self._server.timeout_s)
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = self._loop.call_at(self._deadline, self._timed_out)
 
     def _cancel_timer(self) -> None:
@@ -404,7 +431,11 @@ class _Connection(asyncio.Protocol):
             self._deadline = now + self._server.timeout_s
         if now < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._timed_out)
-        else:  # idle, or a request that did not arrive in time
+        elif self._in_message and self.idle():  # a request that did not arrive in time
+            self._stop_reading = True
+            self.write(_TIMED_OUT)
+            self.close()
+        else:  # idle between requests
             self.close()
 
 
@@ -417,16 +448,33 @@ class _Refused(Exception):
 class HttpServer:
     """Listens, runs `handler` for every request, and shuts down gracefully."""
 
-    def __init__(self, handler: Handler, *, max_body: int, timeout_s: float = 75.0) -> None:
+    def __init__(self, handler: Handler, *, max_body: int, timeout_s: float = 75.0,
+                 head_timeout_s: float = 10.0, max_connections: int = 4096) -> None:
         self.handler = handler
         self.max_body = max_body
         self.timeout_s = timeout_s  # idle keep-alive, and the time to send one request
+        self.head_timeout_s = min(head_timeout_s, timeout_s)  # a request's head
+        self.max_connections = max_connections
+        self.refused_connections = 0  # turned away at the limit
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._date_second = 0
         self._date = b""
+
+    def admit(self, conn: _Connection) -> bool:
+        """Take a new connection if there is room, making room by closing an idle
+        keep-alive connection at the limit (the oldest such is as good as any)."""
+        if len(self.connections) >= self.max_connections:
+            idle = next((c for c in self.connections if c.idle() and not c.in_message), None)
+            if idle is None:
+                self.refused_connections += 1
+                return False
+            idle.close()
+            self.connections.discard(idle)
+        self.connections.add(conn)
+        return True
 
     async def listen(self, host: str, port: int, backlog: int = 2048) -> None:
         self._server = await self.loop.create_server(
@@ -471,6 +519,20 @@ _JSON: Headers = ((b"content-type", b"application/json"),)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
+def _canned(status: int, error: ProxyError, extra: bytes = b"") -> bytes:
+    """A whole response written before any request is parsed (no Date: none was asked)."""
+    body = error.body()
+    return (b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\n%bconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%b"
+            % (status, _REASONS[status], extra, len(body), body))
+
+
+_BUSY = _canned(503, ProxyError(503, "Too many open connections; try again.", "server_error",
+                                "busy"), b"retry-after: 1\r\n")
+_TIMED_OUT = _canned(408, ProxyError(408, "The request did not arrive in time.",
+                                     "invalid_request_error", "request_timeout"))
+
+
 def _head(status: int, headers: Headers, framing: bytes, keep_alive: bool,
           date: bytes) -> bytes:
     parts = [b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown"))]
@@ -481,6 +543,27 @@ def _head(status: int, headers: Headers, framing: bytes, keep_alive: bool,
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _check_framing(headers: list[tuple[bytes, bytes]], version: str) -> None:
+    """What llhttp lets through and RFC 9112 does not: a missing or repeated Host (3.2), a
+    transfer coding other than `chunked` (6.1: 501), Transfer-Encoding in HTTP/1.0 (6.1:
+    faulty framing). llhttp itself refuses a Content-Length beside Transfer-Encoding,
+    repeated lengths, and codings after `chunked`."""
+    hosts = 0
+    for name, value in headers:
+        if name == b"host":
+            hosts += 1
+        elif name == b"transfer-encoding":
+            if version != "1.1":
+                raise _Refused(bad_request("Transfer-Encoding is not allowed in HTTP/1.0."))
+            if value.strip().lower() != b"chunked":
+                raise _Refused(ProxyError(
+                    501, f"Transfer-Encoding {value.decode('latin-1')!r} is not supported: "
+                    "send the body chunked or with a Content-Length.", "invalid_request_error",
+                    "unsupported_transfer_encoding"))
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        raise _Refused(bad_request("An HTTP/1.1 request needs exactly one Host header."))
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -7,10 +7,17 @@ scraped, so the hot path never touches them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -110,6 +117,7 @@ class Metrics:
         ))
         self._live = _LiveState(pool, queue_depth)
         r.register(self._live)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ...
 
     def watch_server(self, connections: Callable[[], tuple[int, int]]) -> None:
         """Export the HTTP server's open and refused client connections (`connections`
@@ -177,6 +185,10 @@ class _LiveState(Collector):
             "sluiceway_queue_depth", "Requests waiting for a backend with room.",
             value=self._queue_depth(),
         )
+        yield GaugeMetricFamily(
+            "sluiceway_event_loop_tasks", "asyncio tasks alive in the proxy's event loop "
+            "(one per request in progress, plus a few background ones).",
+            value=len(asyncio.all_tasks()))
         if self.connections is not None:
             open_now, refused = self.connections()
             yield GaugeMetricFamily(

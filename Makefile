@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint typecheck llama-server vllm container-base \
+.PHONY: install demo demo-quick test chaos soak lint typecheck llama-server vllm container-base \
 	debian-tools agents overhead crosscheck clean
 
 $(STAMP): pyproject.toml
@@ -30,6 +30,13 @@ overhead: $(STAMP)
 # sluiceway bench against vllm bench serve and AIPerf on the same servers (~15 min).
 crosscheck: $(STAMP) llama-server vllm
 	$(BIN)/python benchmarks/crosscheck.py
+
+# the fault matrix under load (~3.5 min), and a 5-minute soak with periodic faults
+chaos: $(STAMP) llama-server
+	$(BIN)/python benchmarks/chaos.py
+
+soak: $(STAMP) llama-server
+	$(BIN)/python benchmarks/soak.py --minutes 5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -69,9 +69,9 @@ class Outlier:
     def failed(self, rule: EjectionRule, may_eject: bool, fault: Fault) -> float | None:
         """Count a failure. Returns the backoff in seconds when this ejects the backend."""
         self.failures += 1
-        self.last_fault = fault
         if self.state is Ejection.EJECTED:
             return None  # out already; requests sent before the ejection still end
+        self.last_fault = fault
         if self.state is Ejection.HALF_OPEN:
             self.trial = False
             return self._eject(rule) if may_eject else None

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp: answer 503 Loading model for S s; "
                              "vLLM: refuse connections for S s")
     faults.add_argument("--seed", type=int, default=0, help="seed for --fail-rate")
+    faults.add_argument("--fault-control", action="store_true",
+                        help="accept POST /_faults {fail_rate, die_after_tokens, "
+                             "hang_after_tokens} to change the faults while running")
 
 
 def build(args: argparse.Namespace) -> EmulatedServer:
@@ -67,7 +70,7 @@ def build(args: argparse.Namespace) -> EmulatedServer:
         profile=profile, model=args.model, max_running=running, speed=args.speed,
         ctx=args.ctx, fail_rate=args.fail_rate, die_after_tokens=args.die_after_tokens,
         hang_after_tokens=args.hang_after_tokens, startup_delay_s=args.startup_delay,
-        seed=args.seed,
+        seed=args.seed, fault_control=args.fault_control,
     )
     return LlamaCppServer(options) if args.engine == "llamacpp" else VllmServer(options)
 

@@ -37,6 +37,24 @@ class Options:
     hang_after_tokens: int | None = None
     startup_delay_s: float = 0.0
     seed: int = 0
+    fault_control: bool = False  # POST /_faults changes the faults below while it runs
+
+
+@dataclass
+class Faults:
+    """The injected faults in force: from the flags, then from `POST /_faults`."""
+
+    fail_rate: float = 0.0  # share of requests answered 500
+    die_after_tokens: int | None = None  # drop the connection after N tokens of a stream
+    hang_after_tokens: int | None = None  # go silent after N tokens of a stream
+
+    def update(self, changes: Any) -> None:
+        if not isinstance(changes, dict) or not set(changes) <= {
+                "fail_rate", "die_after_tokens", "hang_after_tokens"}:
+            raise HttpError(400, "POST /_faults takes fail_rate, die_after_tokens and "
+                            "hang_after_tokens", "invalid_request_error")
+        for name, value in changes.items():
+            setattr(self, name, value)
 
 
 @dataclass
@@ -77,6 +95,8 @@ class EmulatedServer(ABC):
         self.started_at = time.monotonic()
         self.created = int(time.time())
         self._rng = random.Random(options.seed)
+        self.faults = Faults(options.fail_rate, options.die_after_tokens,
+                             options.hang_after_tokens)
 
     # ---- engine-specific parts -------------------------------------------------------
 
@@ -153,11 +173,15 @@ class EmulatedServer(ABC):
             status, payload, ctype = await self.get(path, scope.get("query_string", b"").decode())
             await respond(send, status, payload, ctype)
             return
+        if method == "POST" and path == "/_faults" and self.options.fault_control:
+            self.faults.update(orjson.loads(body) if body else {})
+            await respond(send, 200, orjson.dumps(vars(self.faults)), b"application/json")
+            return
         if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions",
                                             "/chat/completions", "/completions"):
             raise HttpError(404, "File Not Found", "not_found_error")
         job = self.parse(body, chat=path.endswith("chat/completions"))
-        if self.options.fail_rate and self._rng.random() < self.options.fail_rate:
+        if self.faults.fail_rate and self._rng.random() < self.faults.fail_rate:
             raise HttpError(500, "injected failure (--fail-rate)", "server_error")
         await self._generate(job, receive, send)
 
@@ -221,7 +245,7 @@ class EmulatedServer(ABC):
         seq.changed.set()
 
     async def _stream(self, job: Job, send: Any) -> None:
-        seq, opts = job.seq, self.options
+        seq, opts = job.seq, self.faults
         started = False
         if self.headers_before_first_token:
             await start_sse(send)

@@ -21,7 +21,6 @@ from proxy.errors import ProxyError, upstream_failed, upstream_overloaded, upstr
 from proxy.h1 import (
     Abandoned,
     BadHeader,
-    BadResponse,
     ConnectFailed,
     Dropped,
     H1Client,
@@ -189,9 +188,11 @@ def _wire_error(backend: str, exc: WireError) -> ProxyError:
                                backend_down=True)
     if isinstance(exc, BadHeader):  # ours, not the backend's
         return upstream_failed(f"request for backend {backend} not sent: {exc}", Fault.NONE)
-    if isinstance(exc, Abandoned):
-        return upstream_failed(f"{exc}; the request had not started", Fault.DOWN)
-    fault = Fault.ERROR if isinstance(exc, BadResponse) else Fault.DOWN
+    if isinstance(exc, Abandoned):  # given up by us: the ejection counted already
+        return upstream_failed(f"{exc}; the request had not started", Fault.NONE)
+    # a server that closes mid-reply is alive (its probes tell): an error, not down
+    down = (isinstance(exc, Dropped) and exc.before_reply) or isinstance(exc, Stalled)
+    fault = Fault.DOWN if down else Fault.ERROR
     return upstream_failed(f"backend {backend} failed: {exc}", fault)
 
 

@@ -88,6 +88,16 @@ def test_a_passing_probe_ends_only_an_ejection_for_being_down(fault: Fault,
     assert o.state is (Ejection.HALF_OPEN if readmitted else Ejection.EJECTED)
 
 
+def test_failures_while_ejected_do_not_change_its_cause() -> None:
+    """The requests given up on an ejection (or still ending there) must not turn an
+    ejection for errors into one a passing probe ends."""
+    o = Outlier()
+    for _ in range(3):
+        o.failed(RULE, True, Fault.ERROR)
+    assert o.failed(RULE, True, Fault.DOWN) is None
+    assert o.last_fault is Fault.ERROR and not o.probe_passed()
+
+
 def test_no_ejection_when_off_or_when_it_would_leave_a_model_without_a_backend() -> None:
     off, guarded = Outlier(), Outlier()
     for _ in range(10):

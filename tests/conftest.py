@@ -38,7 +38,8 @@ class Launcher:
         args = ["-m", "proxy.cli", "emulate", "--engine", engine, "--profile", profile,
                 "--port", str(port)]
         for key, value in flags.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            args += [flag] if value is True else [flag, str(value)]
         server = Server(args, port, self.workdir / f"emulate-{engine}-{port}.log")
         self.servers.append(server)
         return server.wait_listening() if wait else server

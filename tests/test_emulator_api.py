@@ -195,3 +195,26 @@ def test_fault_flags(launch: Launcher) -> None:
             if '"content":" ' in line:
                 seen.append(line)
     assert len(seen) == 2
+
+
+def test_faults_change_at_run_time_with_fault_control(launch: Launcher) -> None:
+    plain = launch.emulator("vllm", "vllm-fp8-aiter", speed=20)
+    assert httpx.post(plain.url + "/_faults", json={"fail_rate": 1}).status_code == 404
+    emu = launch.emulator("vllm", "vllm-fp8-aiter", speed=20, fault_control=True)
+    api = sdk(emu.url)
+    assert httpx.post(emu.url + "/_faults", json={"fail_rate": 1}).json()["fail_rate"] == 1
+    with pytest.raises(openai.InternalServerError):
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                    max_tokens=4)
+    faults = httpx.post(emu.url + "/_faults", json={"fail_rate": 0, "die_after_tokens": 2})
+    assert faults.json() == {"fail_rate": 0, "die_after_tokens": 2, "hang_after_tokens": None}
+    with pytest.raises(openai.APIConnectionError):  # the stream is cut after two tokens
+        for _ in api.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                stream=True):
+            pass
+    httpx.post(emu.url + "/_faults", json={"die_after_tokens": None})
+    reply = api.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                "content": "x"}], max_tokens=4)
+    assert reply.usage is not None and reply.usage.completion_tokens == 4
+    assert httpx.post(emu.url + "/_faults", json={"speed": 9}).status_code == 400

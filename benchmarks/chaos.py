@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,33 +253,46 @@ async def run(pool: ChaosPool, proxy: str, clients: int, window_s: float,
               windows: list[Window]) -> tuple[list[Result], Sampler]:
     load = Load(proxy, MODEL, clients, seed=1)
     sampler = Sampler(proxy)
+    async with loaded(load, sampler):
+        for w in windows:
+            print(f"[{time.strftime('%H:%M:%S')}] {w.name}", file=sys.stderr, flush=True)
+            await play(w, load, window_s)
+            if w.name == "disconnects":
+                w.notes["slots_freed"] = await slots_freed(pool, sampler)
+    return load.results, sampler
+
+
+@contextlib.asynccontextmanager
+async def loaded(load: Load, sampler: Sampler) -> AsyncIterator[None]:
+    """The load and the sampler run inside; at the end the clients finish their requests
+    and the proxy is given time to settle (sampled)."""
     stop_sampling = asyncio.Event()
     sampling = asyncio.create_task(sampler.run(stop_sampling))
     running = asyncio.create_task(load.run())
     try:
-        for w in windows:
-            load.window, load.behaviour = w.name, w.behaviour
-            w.started = time.monotonic()
-            print(f"[{time.strftime('%H:%M:%S')}] {w.name}", file=sys.stderr, flush=True)
-            await asyncio.to_thread(w.begin)
-            if w.middle is not None:
-                await asyncio.sleep(window_s / 2)
-                await asyncio.to_thread(w.middle)
-                w.notes["middle_at"] = time.monotonic()
-                await asyncio.sleep(window_s / 2)
-            else:
-                await asyncio.sleep(window_s)
-            await asyncio.to_thread(w.end)
-            w.ended = time.monotonic()
-            if w.name == "disconnects":
-                w.notes["slots_freed"] = await slots_freed(pool, sampler)
+        yield
     finally:
         load.stop()
         await running
         await settled(sampler)
         stop_sampling.set()
         await sampling
-    return load.results, sampler
+
+
+async def play(w: Window, load: Load, span_s: float) -> None:
+    """One fault window: its fault begins, (half-way) changes, and ends after `span_s`."""
+    load.window, load.behaviour = w.name, w.behaviour
+    w.started = time.monotonic()
+    await asyncio.to_thread(w.begin)
+    if w.middle is not None:
+        await asyncio.sleep(span_s / 2)
+        await asyncio.to_thread(w.middle)
+        w.notes["middle_at"] = time.monotonic()
+        await asyncio.sleep(span_s / 2)
+    else:
+        await asyncio.sleep(span_s)
+    await asyncio.to_thread(w.end)
+    w.ended = time.monotonic()
 
 
 async def settled(sampler: Sampler, within_s: float = 10) -> None:

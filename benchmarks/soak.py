@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.chaos import (  # noqa: E402
     ChaosPool,
     Sampler,
+    loaded,
+    play,
     plot,
     resources,
     schedule,
-    settled,
 )
 from benchmarks.mixed_load import Load  # noqa: E402
 
@@ -52,35 +53,15 @@ async def soak(pool: ChaosPool, proxy: str, clients: int, minutes: float, window
                sample_s: float) -> tuple[Load, Sampler]:
     load = Load(proxy, MODEL, clients, seed=7)
     sampler = Sampler(proxy, every_s=sample_s)
-    stop_sampling = asyncio.Event()
-    sampling = asyncio.create_task(sampler.run(stop_sampling))
-    running = asyncio.create_task(load.run())
     end = time.monotonic() + minutes * 60
-    try:
+    async with loaded(load, sampler):
         while time.monotonic() < end:
             for w in schedule(pool):
                 if time.monotonic() >= end:
                     break
-                load.window, load.behaviour = w.name, w.behaviour
-                w.started = time.monotonic()
-                await asyncio.to_thread(w.begin)
-                span = min(window_s, max(1.0, end - time.monotonic()))
-                if w.middle is not None:
-                    await asyncio.sleep(span / 2)
-                    await asyncio.to_thread(w.middle)
-                    await asyncio.sleep(span / 2)
-                else:
-                    await asyncio.sleep(span)
-                await asyncio.to_thread(w.end)
-                w.ended = time.monotonic()
+                await play(w, load, min(window_s, max(1.0, end - time.monotonic())))
                 print(f"[{time.strftime('%H:%M:%S')}] {w.name}: {len(load.results)} requests "
                       f"so far", file=sys.stderr, flush=True)
-    finally:
-        load.stop()
-        await running
-        await settled(sampler)
-        stop_sampling.set()
-        await sampling
     return load, sampler
 
 

@@ -35,6 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from loadgen.local import free_port, wait_http  # noqa: E402
+from tests import nginx  # noqa: E402
 
 
 @dataclass
@@ -127,14 +128,7 @@ def run(target: str, base: str, pid: int | None, requests: int, concurrency: int
                   (busy_after - busy) / max(1, total_after - total))
 
 
-NGINX_CONF = """daemon off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    upstream fast {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
+NGINX_HTTP = """    upstream fast {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -144,21 +138,19 @@ http {{
             proxy_buffering off;
             proxy_request_buffering off;
         }}
-    }}
-}}
-"""
+    }}"""
 
 
 def start_nginx(work: Path, upstream: int, install: bool) -> tuple[subprocess.Popen[bytes], int]:
     if shutil.which("nginx") is None and install:
         subprocess.run(["apt-get", "update", "-qq"], check=False)
         subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True)
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    binary = nginx.binary()
     if not Path(binary).exists():
         raise FileNotFoundError("nginx is not installed (use --install-nginx or --no-nginx)")
     port = free_port()
-    conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=work, upstream=upstream, port=port))
+    conf = nginx.config(work, NGINX_HTTP.format(upstream=upstream, port=port),
+                        connections=16384)
     proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(work)])
     return proc, port
 

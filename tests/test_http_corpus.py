@@ -10,7 +10,6 @@ The table of all three is written to out/http-corpus.md (docs/operations.md has 
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from loadgen.local import free_port
-from tests import debian_tools
+from tests import debian_tools, nginx
 from tests.conftest import Launcher, backend
 from tests.http_corpus import CASES, ONCE, REFUSE, TWICE, Case, Outcome, exchange
 from tests.processes import Server
@@ -27,21 +26,10 @@ from tests.processes import Server
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out"
 
-NGINX_CONF = """daemon off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log crit;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp;
-    fastcgi_temp_path {dir}/tmp; uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
-    server {{
+NGINX_SERVER = """    server {{
         listen 127.0.0.1:{port};
         location / {{ proxy_pass http://127.0.0.1:{upstream}; }}
-    }}
-}}
-"""
+    }}"""
 
 
 def _listening(server: Server, path: str = "/") -> Server:
@@ -66,14 +54,10 @@ def others(module_launch: Launcher) -> dict[str, Server]:
     module_launch.servers.append(h11)
     _listening(h11)
     port = free_port()
-    work = module_launch.workdir / "nginx-corpus"
-    (work / "tmp").mkdir(parents=True)
-    conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=work, port=port, upstream=h11.port))
-    nginx = Server(["-c", str(conf), "-p", str(work)], port, work / "nginx.log",
-                   program=shutil.which("nginx") or "/usr/sbin/nginx")
-    module_launch.servers.append(nginx)
-    return {"uvicorn+h11": h11, "nginx": _listening(nginx)}
+    proxy = nginx.start(module_launch.workdir / "nginx-corpus", port,
+                        NGINX_SERVER.format(port=port, upstream=h11.port),
+                        module_launch.servers)
+    return {"uvicorn+h11": h11, "nginx": proxy}
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ after the headers went out ends the stream with an in-band error in the client's
 
 from __future__ import annotations
 
-import shutil
 import threading
-import time
 from pathlib import Path
 
 import anthropic
@@ -18,22 +16,14 @@ import pytest
 from openai import APIError, OpenAI
 
 from loadgen.local import free_port
+from tests import nginx
 from tests.agents.clients import CLIENTS
 from tests.agents.install import install
 from tests.conftest import EVERY_API, Launcher, backend
 from tests.probes import access_records
 from tests.processes import Server
 
-NGINX_CONF = """daemon off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_buffer_size 4m;  # agents' bodies stay in memory (the workers are not root)
-    client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp;
-    fastcgi_temp_path {dir}/tmp; uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+NGINX_SERVER = """    client_body_buffer_size 4m;  # agents' bodies stay in memory
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -43,31 +33,15 @@ http {{
             proxy_request_buffering off;
             proxy_read_timeout 1s;
         }}
-    }}
-}}
-"""
+    }}"""
 PROMPT = [{"role": "user", "content": "hi"}]
 
 
 def nginx_before(server: Server, launch: Launcher) -> Server:
     """nginx (Debian's; make debian-tools) proxying to `server` with a 1 s read timeout."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
-    work = launch.workdir / f"nginx-{port}"
-    (work / "tmp").mkdir(parents=True)
-    conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=work, port=port, upstream=server.port))
-    ingress = Server(["-c", str(conf), "-p", str(work)], port, work / "nginx.log",
-                     program=binary)
-    launch.servers.append(ingress)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(ingress.url + "/health", timeout=1)
-            return ingress
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise RuntimeError("nginx did not listen")
+    return nginx.start(launch.workdir / f"nginx-{port}", port,
+                       NGINX_SERVER.format(port=port, upstream=server.port), launch.servers)
 
 
 @pytest.fixture

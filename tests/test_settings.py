@@ -52,6 +52,10 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     (GOOD + "[server]\nport = 70000\n", "server.port"),
     (GOOD.replace("queue_size = 5", "queue_size = -1"), "routing.queue_size"),
     ("[server\n", "not valid TOML"),
+    (GOOD + "[health]\nejection_s = 60\nmax_ejection_s = 30\n", "health: Value error, "
+     "max_ejection_s must be at least ejection_s"),
+    (GOOD + "[health]\neject_after_failures = -1\n", "health.eject_after_failures"),
+    (GOOD + "[server]\nmax_connections = 0\n", "server.max_connections"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError) as err:

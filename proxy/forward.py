@@ -134,7 +134,7 @@ class Forwarder:
                                     fitted)
         post = self._upstream.post(
             attempt.backend, state.config.base_url + path, body,
-            request.headers_for(state.upstream_key),
+            request.headers_for(state.upstream_key), stream=request.stream,
         )
         if not (request.stream and self.keepalive_s > 0):
             resp = await post

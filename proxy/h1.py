@@ -18,7 +18,7 @@ reader together, as they arrive.
   per-chunk path schedules no timers (rescheduling a deadline on every chunk cost two heap
   operations per SSE event).
 - Failures are this module's own exceptions (`ConnectFailed`, `Dropped`, `Stalled`,
-  `BadResponse`, `BadHeader`, `Abandoned`);
+  `BadResponse`, `BadHeader`, `Abandoned`, `NoHead`);
   proxy/upstream.py, the one boundary with the upstream network, translates them.
 
 Other timeouts are the caller's: it wraps `request` and the first read in its own
@@ -64,6 +64,10 @@ class Abandoned(WireError):
 
 class BadResponse(WireError):
     """The upstream sent something that is not HTTP/1.x."""
+
+
+class NoHead(WireError):
+    """The response's status line and headers did not arrive in time."""
 
 
 class Stalled(WireError):
@@ -293,6 +297,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._response: Response | None = None
         self._ready: asyncio.Future[None] | None = None  # set by the first body bytes
+        self._head: asyncio.Future[None] | None = None  # set by the headers, when watched
         self._keep_alive = False
         self._until_eof = False  # a body without a length ends when the connection does
         self._informational = False  # skipping a 1xx response
@@ -352,6 +357,8 @@ class _Connection(asyncio.Protocol):
             response.headers.clear()
             return
         response.status = status
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
         headers = response.headers
         self._until_eof = (
             "content-length" not in headers and "chunked" not in
@@ -367,10 +374,12 @@ class _Connection(asyncio.Protocol):
         self._response._finish()
 
     # used by the client and the response
-    def send(self, data: bytes) -> tuple[Response, asyncio.Future[None]]:
+    def send(self, data: bytes, watch_head: bool = False
+             ) -> tuple[Response, asyncio.Future[None]]:
         assert self._transport is not None
         self._response = Response(self)
         self._ready = self.loop.create_future()
+        self._head = self.loop.create_future() if watch_head else None
         self._keep_alive = False
         self._until_eof = False
         self._transport.write(data)
@@ -447,21 +456,24 @@ class H1Client:
             self._tls_by_origin[origin] = context
 
     async def request(self, target: Target, body: bytes, headers: Mapping[str, str],
-                      fresh: bool = False) -> Response:
+                      fresh: bool = False, head_by: float | None = None) -> Response:
         """POST `body` to `target` and wait for the response's status, headers and first
         body bytes (or the end of an empty body). `fresh`: on a new connection, not a
-        pooled one. Raises WireError."""
+        pooled one. `head_by`: loop time by which the status and headers must have come
+        (`NoHead` otherwise). Raises WireError."""
         head = _request_head(target, headers, len(body))
         conn = None if fresh else self._take_idle(target.origin)
         if conn is None:
             conn = await self._connect(target)
         try:
-            response, ready = conn.send(head + body)
+            response, ready = conn.send(head + body, watch_head=head_by is not None)
         except (OSError, RuntimeError) as exc:  # the transport closed under us
             conn.close()
             raise Dropped(f"connection lost ({type(exc).__name__})", before_reply=True) from None
         self._busy.add(conn)
         try:
+            if head_by is not None:
+                await _head_in_time(conn, ready, head_by)
             await ready
         except BaseException:
             self.discard(response)
@@ -548,6 +560,20 @@ class H1Client:
         except OSError as exc:
             raise ConnectFailed(f"{type(exc).__name__}: {exc.strerror or exc}") from None
         return conn
+
+
+async def _head_in_time(conn: _Connection, ready: asyncio.Future[None], by: float) -> None:
+    """Wait for the response head until loop time `by` (the first body bytes, or a
+    failure, may come with it)."""
+    head = conn._head
+    assert head is not None
+    try:
+        async with asyncio.timeout_at(by):
+            await asyncio.wait((head, ready), return_when=asyncio.FIRST_COMPLETED)
+    except TimeoutError:
+        raise NoHead("no response head in time") from None
+    finally:
+        conn._head = None
 
 
 def _request_head(target: Target, headers: Mapping[str, str], length: int) -> bytes:

@@ -98,6 +98,9 @@ class TimeoutSettings(_Section):
     connect_s: PositiveFloat = 5
     first_byte_s: PositiveFloat = 600
     idle_s: PositiveFloat = 120
+    # a streamed request's response head; 0 = off. llama.cpp and vLLM send it before the
+    # prefill, so a few seconds tell a hung backend from a long prompt (docs/operations.md)
+    head_s: Annotated[float, Field(ge=0)] = 0
 
 
 class ModelSettings(_Section):

@@ -5,7 +5,10 @@ and turns every failure on the wire into a `ProxyError`: connection problems bec
 retryable 502s, timeouts 504s. Code above this module never sees a wire exception.
 
 Timeouts: `connect_s` to open a connection; `first_byte_s` from sending the request until
-the first body bytes (headers and prefill); `idle_s` between two body reads afterwards.
+the first body bytes (headers and prefill); `idle_s` between two body reads afterwards;
+`head_s` (off unless set) from sending a streamed request until its response head, which
+llama.cpp and vLLM send before they prefill: a short one tells a hung backend from a long
+prefill.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from proxy.h1 import (
     ConnectFailed,
     Dropped,
     H1Client,
+    NoHead,
     Response,
     Stalled,
     Target,
@@ -146,12 +150,16 @@ class Upstream:
         return target
 
     async def post(
-        self, backend: str, url: str, body: bytes, headers: Mapping[str, str]
+        self, backend: str, url: str, body: bytes, headers: Mapping[str, str],
+        stream: bool = False,
     ) -> UpstreamResponse:
         """Send the request and wait for the response's first body bytes (the headers and
-        the prefill), by the first-byte deadline."""
+        the prefill), by the first-byte deadline; for a stream, its head by `head_s`."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeouts.first_byte_s
+        now = loop.time()
+        deadline = now + self._timeouts.first_byte_s
+        head_s = self._timeouts.head_s
+        head_by = now + head_s if stream and head_s else None
         target = self._target(url)
         for last_try in (False, True):
             try:
@@ -159,7 +167,8 @@ class Upstream:
                     # the retry of a dropped pooled connection goes out on a new one: the
                     # other pooled connections to that server are as old, and as likely
                     # to have been closed with it
-                    resp = await self._client.request(target, body, headers, fresh=last_try)
+                    resp = await self._client.request(target, body, headers, fresh=last_try,
+                                                      head_by=head_by)
                 return UpstreamResponse(self._client, resp, backend, deadline,
                                         self._timeouts.idle_s)
             except TimeoutError:  # hung, or far too slow: nothing was sent on, so try another
@@ -183,6 +192,9 @@ def _dropped_connection(exc: WireError) -> bool:
 
 
 def _wire_error(backend: str, exc: WireError) -> ProxyError:
+    if isinstance(exc, NoHead):  # hung: a working engine sends a stream's head at once
+        return upstream_timeout(f"backend {backend} sent no response head in time "
+                                "(timeouts.head_s)", retryable=True)
     if isinstance(exc, ConnectFailed):
         return upstream_failed(f"backend {backend} could not be reached: {exc}", Fault.DOWN,
                                backend_down=True)

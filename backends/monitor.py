@@ -54,8 +54,8 @@ class Monitor:
                 await self.probe_all()
                 next_round = loop.time() + self._interval_s
             else:
-                suspects = [s for s in self._pool if self._pool.suspect(s.name)]
-                await asyncio.gather(*(self.probe(state) for state in suspects))
+                failing = [state for state in self._pool if state.failing]
+                await asyncio.gather(*(self.probe(state) for state in failing))
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(state) for state in self._pool))

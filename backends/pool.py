@@ -131,12 +131,6 @@ class Pool:
             return
         self._changed()
 
-    def suspect(self, name: str) -> bool:
-        """Failing lately, down, or out of routing for failing: worth probing more often."""
-        state = self._states[name]
-        return (state.outlier.failures > 0 or state.health is Health.DOWN
-                or state.outlier.state is not Ejection.ACTIVE)
-
     def _failed(self, state: BackendState, fault: Fault, reason: str) -> None:
         outlier = state.outlier
         backoff = outlier.failed(self.ejection, self._may_eject(state), fault)
@@ -240,7 +234,7 @@ class Pool:
     def close(self) -> None:
         """Cancel the pending ends of backoffs (at shutdown)."""
         for state in self._states.values():
-            self._end_ejection(state)
+            self._cancel_expiry(state)
 
     def _end_ejection(self, state: BackendState) -> None:
         self._cancel_expiry(state)

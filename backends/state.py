@@ -9,7 +9,7 @@ from time import perf_counter
 
 from backends.adapter import Adapter
 from backends.config import BackendConfig
-from backends.outlier import Outlier
+from backends.outlier import Ejection, Outlier
 from backends.snapshot import BackendSnapshot, Health
 from backends.stats import BackendStats
 
@@ -51,6 +51,12 @@ class BackendState:
         self.load_area += self.in_flight * (now - self.load_area_at)
         self.load_area_at = now
         return self.load_area
+
+    @property
+    def failing(self) -> bool:
+        """Failing lately, down, or out of routing for failing: worth probing more often."""
+        return (self.outlier.failures > 0 or self.health is Health.DOWN
+                or self.outlier.state is not Ejection.ACTIVE)
 
     @property
     def name(self) -> str:

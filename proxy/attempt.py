@@ -63,8 +63,9 @@ class Attempt:
         self.tokens(prompt, output, cached)
         self.answered = observer.ended
 
-    def end(self, outcome: str) -> None:
-        self.outcome = outcome
+    def end(self, outcome: str, fault: Fault = Fault.NONE) -> None:
+        """How the try ended, and how the backend failed it, if it did."""
+        self.outcome, self.fault = outcome, fault
         self.ended_at = perf_counter()
 
     def settle(self, load_area_now: float) -> None:

@@ -122,5 +122,21 @@ def headers_too_large(limit_bytes: int) -> ProxyError:
     )
 
 
+def request_timeout() -> ProxyError:
+    return ProxyError(408, "The request did not arrive in time.", "invalid_request_error",
+                      "request_timeout")
+
+
+def too_many_connections() -> ProxyError:
+    return ProxyError(503, "Too many open connections; try again.", "server_error", "busy",
+                      retry_after_s=1)
+
+
+def unsupported_transfer_encoding(coding: str) -> ProxyError:
+    return ProxyError(501, f"Transfer-Encoding {coding!r} is not supported: send the body "
+                      "chunked or with a Content-Length.", "invalid_request_error",
+                      "unsupported_transfer_encoding")
+
+
 def internal_error() -> ProxyError:
     return ProxyError(500, "Internal error in the proxy.", "server_error", "internal_error")

@@ -15,6 +15,7 @@ from dataclasses import replace
 from time import perf_counter
 from typing import Any
 
+from backends.outlier import Fault
 from backends.pool import Pool
 from backends.snapshot import Health
 from proxy.admission import Admission
@@ -79,9 +80,8 @@ class Forwarder:
                 await self._try(request, attempt, reply)
                 return
             except ProxyError as exc:
-                attempt.end(exc.outcome)
+                attempt.end(exc.outcome, exc.fault)
                 attempt.status = exc.status
-                attempt.fault = exc.fault
                 if exc.backend_down:
                     self._pool.set_health(name, Health.DOWN, exc.message)
                 if not exc.retryable or attempt.started:
@@ -187,8 +187,7 @@ class Forwarder:
     def _end_in_band(self, request: ClientRequest, attempt: Attempt, reply: Reply,
                      error: ProxyError) -> None:
         """A failure after the headers went out early: an error event ends the stream."""
-        attempt.fault = error.fault
-        attempt.end(error.outcome)
+        attempt.end(error.outcome, error.fault)
         reply.end(error_event(request.endpoint.name, error))
 
     def _commit(self, request: ClientRequest, attempt: Attempt, reply: Reply,
@@ -249,7 +248,7 @@ class Forwarder:
                 if reply.paused:
                     resp.pause_reading()
 
-        outcome = "ok"
+        outcome, fault = "ok", Fault.NONE
         reply.on_resume(resp.resume_reading)
         try:
             last = first
@@ -259,7 +258,7 @@ class Forwarder:
             tail = reshape.feed((observer.feed(last, perf_counter()) if last else b"")
                                 + observer.flush()) + reshape.finish()
         except ProxyError as exc:  # the upstream failed mid-stream: tell the client in-band
-            outcome, attempt.fault = exc.outcome, exc.fault
+            outcome, fault = exc.outcome, exc.fault
             if translation is None:
                 lead = b"\n\n" if observer.mid_event else b""
                 tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
@@ -272,7 +271,7 @@ class Forwarder:
             # before the upstream's end of body) was answered in full
             reply.on_resume(None)
             attempt.read_stream(observer)
-        attempt.end(outcome)
+        attempt.end(outcome, fault)
         reply.end(tail)
 
 

@@ -36,7 +36,15 @@ from urllib.parse import unquote
 
 import httptools
 
-from proxy.errors import ProxyError, bad_request, headers_too_large, internal_error
+from proxy.errors import (
+    ProxyError,
+    bad_request,
+    headers_too_large,
+    internal_error,
+    request_timeout,
+    too_many_connections,
+    unsupported_transfer_encoding,
+)
 
 log = logging.getLogger("sluiceway.server")
 
@@ -177,7 +185,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if not self._server.admit(self):
-            self._transport.write(_BUSY)
+            self._transport.write(_whole_error(too_many_connections(), self._server.date()))
             self._transport.close()
             self.closed = True
             return
@@ -408,14 +416,16 @@ class _Connection(asyncio.Protocol):
         return self._task is not None
 
     def _arm_timer(self, seconds: float | None = None) -> None:
-        """Move the deadline (`seconds` from now, the server's timeout by default); the
-        one timer is re-armed only when it fires early, so a request costs no timer
+        """Move the deadline (`seconds` from now, the server's timeout by default). The one
+        timer never sleeps past the head timeout, so no deadline set here can be earlier
+        than it: it is re-armed only when it fires early, and a request costs no timer
         operations (three reschedules otherwise)."""
         self._deadline = self._loop.time() + (seconds or self._server.timeout_s)
-        if self._timer is None or self._timer.when() > self._deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(self._deadline, self._timed_out)
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._next_tick(), self._timed_out)
+
+    def _next_tick(self) -> float:
+        return min(self._deadline, self._loop.time() + self._server.head_timeout_s)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -430,10 +440,10 @@ class _Connection(asyncio.Protocol):
         if self._task is not None:  # a handler's time is its own: look again later
             self._deadline = now + self._server.timeout_s
         if now < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._timed_out)
+            self._timer = self._loop.call_at(self._next_tick(), self._timed_out)
         elif self._in_message and self.idle():  # a request that did not arrive in time
             self._stop_reading = True
-            self.write(_TIMED_OUT)
+            self.write(_whole_error(request_timeout(), self.date()))
             self.close()
         else:  # idle between requests
             self.close()
@@ -519,18 +529,12 @@ _JSON: Headers = ((b"content-type", b"application/json"),)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
-def _canned(status: int, error: ProxyError, extra: bytes = b"") -> bytes:
-    """A whole response written before any request is parsed (no Date: none was asked)."""
+def _whole_error(error: ProxyError, date: bytes) -> bytes:
+    """An error answered outside any handler (a refused connection, a request that did not
+    arrive in time), in one write, with the connection to close after it."""
     body = error.body()
-    return (b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\n%bconnection: close\r\n"
-            b"content-length: %d\r\n\r\n%b"
-            % (status, _REASONS[status], extra, len(body), body))
-
-
-_BUSY = _canned(503, ProxyError(503, "Too many open connections; try again.", "server_error",
-                                "busy"), b"retry-after: 1\r\n")
-_TIMED_OUT = _canned(408, ProxyError(408, "The request did not arrive in time.",
-                                     "invalid_request_error", "request_timeout"))
+    return _head(error.status, (*_JSON, *error.headers()),
+                 b"content-length: %d\r\n" % len(body), False, date) + body
 
 
 def _head(status: int, headers: Headers, framing: bytes, keep_alive: bool,
@@ -558,10 +562,7 @@ def _check_framing(headers: list[tuple[bytes, bytes]], version: str) -> None:
             if version != "1.1":
                 raise _Refused(bad_request("Transfer-Encoding is not allowed in HTTP/1.0."))
             if value.strip().lower() != b"chunked":
-                raise _Refused(ProxyError(
-                    501, f"Transfer-Encoding {value.decode('latin-1')!r} is not supported: "
-                    "send the body chunked or with a Content-Length.", "invalid_request_error",
-                    "unsupported_transfer_encoding"))
+                raise _Refused(unsupported_transfer_encoding(value.decode("latin-1")))
     if hosts > 1 or (hosts == 0 and version == "1.1"):
         raise _Refused(bad_request("An HTTP/1.1 request needs exactly one Host header."))
 

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--requests", type=int,
                       help="requests per level (default: 10 x concurrency, at least 20)")
     load.add_argument("--duration-s", type=float, help="seconds per level instead")
+    load.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                      help="ask for ignore_eos so every reply is --output-len tokens (vLLM, "
+                           "llama.cpp); --no-ignore-eos for servers that refuse unknown "
+                           "fields, such as transformers serve (default: ask)")
     load.add_argument("--warmup", type=int, default=1, help="uncounted requests per level")
     load.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     load.add_argument("--workers", type=int, default=1,
@@ -132,7 +136,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     for target in targets:
         model = asyncio.run(_resolve_model(target))
         workload = Workload(args.endpoint, model, args.input_len, args.output_len,
-                            tokenizer=args.tokenizer,
+                            tokenizer=args.tokenizer, ignore_eos=args.ignore_eos,
                             prompts=read_prompts(args.prompts) if args.prompts else ())
         common: dict[str, Any] = dict(warmup=args.warmup, timeout_s=args.timeout_s,
                                       seed=args.seed, show_progress=not args.no_progress)

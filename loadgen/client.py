@@ -24,7 +24,7 @@ import orjson
 
 from loadgen.record import Failure, RequestRecord
 from loadgen.tokens import TokenCounter
-from proxy.sse import CHAT, Framer, has_escape, might_hold_usage, usage_in
+from proxy.sse import CHAT, Framer, finishes, has_escape, might_hold_usage, usage_in
 
 _NON_EMPTY_ARRAY = re.compile(rb'\s*:\s*\[\s*[^\]\s]')  # after a key
 
@@ -36,14 +36,15 @@ _STALE_RETRIES = 2
 class StreamTally:
     """What one response stream told about its request, fed read by read."""
 
-    __slots__ = ("_content_events", "_done", "_framer", "_text", "_usage", "counter",
-                 "record")
+    __slots__ = ("_content_events", "_done", "_finished", "_framer", "_text", "_usage",
+                 "counter", "record")
 
     def __init__(self, record: RequestRecord, counter: TokenCounter | None = None) -> None:
         self.record = record
         self.counter = counter
         self._framer = Framer()
         self._done = False
+        self._finished = False  # a choice ended with a finish_reason
         self._usage: dict[str, Any] | None = None
         self._content_events = 0
         self._text: list[str] | None = [] if (counter or record.text is not None) else None
@@ -67,6 +68,8 @@ class StreamTally:
                 self._usage = _usage(data) or self._usage
             if not _has_choices(data, escaped):
                 continue
+            if finishes(data):
+                self._finished = True
             if record.first_choice is None:
                 record.first_choice = now
             else:
@@ -89,7 +92,9 @@ class StreamTally:
             record.error = Failure.PAYLOAD
             record.detail = "Never received a valid chunk to calculate TTFT."
             return
-        if not self._done:
+        if not (self._done or self._finished):  # transformers serve sends no [DONE]: a
+            # body that ended cleanly after a finish_reason is complete, as vllm bench
+            # serve counts it; one that ended before any is cut
             record.error, record.detail = Failure.CUT, "stream ended without [DONE]"
             return
         if self._text is not None and record.text is not None:

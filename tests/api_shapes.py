@@ -112,7 +112,18 @@ class Shape:
             out.append(self.sse({"id": "c1", "object": self._chunk_object, "created": 0,
                                  "model": self.model, "choices": [
                                      {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
-        if (self.req.get("stream_options") or {}).get("include_usage") and self.style.usage:
+        wants_usage = (self.req.get("stream_options") or {}).get("include_usage") \
+            and self.style.usage
+        if not self.style.done:  # transformers serve: one last chunk, no [DONE]
+            last: dict[str, Any] = {"id": "c1", "object": self._chunk_object, "created": 0,
+                                    "model": self.model, "choices": [{
+                                        "index": 0, "finish_reason": "length",
+                                        **({"delta": {}} if self.path == "/v1/chat/completions"
+                                           else {"text": ""})}]}
+            if wants_usage:
+                last["usage"] = self._openai_usage()
+            return [*out, self.sse(last)]
+        if wants_usage:
             out.append(self.sse({"id": "c1", "object": self._chunk_object, "created": 0,
                                  "model": self.model, "choices": [],
                                  "usage": self._openai_usage()}))

@@ -25,6 +25,8 @@ class Style:
     comments: bool = False  # ": ping" lines before each event and between its data lines
     split_data: bool = False  # compact JSON over several data: lines, cut between tokens
     usage: bool = True  # send usage (False: a server that never reports it)
+    done: bool = True  # end chat streams with [DONE]; False: as transformers serve does,
+    # the last chunk carries finish_reason (and usage) and the body ends there
 
     @classmethod
     def named(cls, name: str) -> Style:
@@ -39,6 +41,7 @@ STYLES = {
     "cr": Style(line_end="\r", data_space=False, reverse_keys=True),
     "escaped": Style(escape_keys=True, ascii=True, split_data=True, comments=True),
     "no_usage": Style(json="spaced", usage=False),
+    "transformers": Style(done=False),
 }
 
 

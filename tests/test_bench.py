@@ -163,6 +163,29 @@ def test_agent_sessions_send_session_ids_and_report_turns(launch: Launcher) -> N
     assert history[2]["role"] == "assistant" and history[2]["content"].startswith("tok0")
 
 
+def test_no_ignore_eos_for_servers_that_refuse_unknown_fields(launch: Launcher,
+                                                                tmp_path: Path) -> None:
+    # transformers serve answers 422 to `ignore_eos`; --no-ignore-eos leaves it out
+    strict = launch.upstream("strict", reject_fields="ignore_eos")
+
+    def bench(*flags: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "bench", "--url", strict.url, "--model", "m",
+             "--concurrency", "2", "--requests", "6", "--input-len", "16", "--output-len",
+             "4", "--warmup", "0", "--no-progress", "--json", str(tmp_path / "r.json"),
+             *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        result: dict[str, Any] = json.loads((tmp_path / "r.json").read_text())["results"][0]
+        return result
+
+    refused = bench()
+    assert refused["completed"] == 0 and refused["failed"] == 6
+    served = bench("--no-ignore-eos")
+    assert served["completed"] == 6 and served["failed"] == 0
+    assert served["total_output_tokens"] == 6 * 4
+    assert "ignore_eos" not in strict.get("/_stats")["last_body"]
+
+
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "bench", "--url",
                           "http://127.0.0.1:9", "--model", "m", "--concurrency", "0"],

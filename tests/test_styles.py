@@ -81,7 +81,10 @@ def test_the_proxy_counts_every_api_in_every_style(
     assert d["output_tokens_total"] == N, (style, path)
     assert d["output_tokens_estimated_total"] == (0 if STYLES[style].usage else N)
     if path == "/v1/chat/completions":
-        assert b"usage" not in received and received.count(b'"w1 "') == 1
+        assert received.count(b'"w1 "') == 1
+        # a usage-only event is removed; usage inside the finish chunk (transformers
+        # serve) stays where the server put it: an extra field every client tolerates
+        assert (b"usage" in received) == (not STYLES[style].done and STYLES[style].usage)
 
 
 def test_tokenizer_counts_a_stream_without_usage(served: tuple[Server, Server],

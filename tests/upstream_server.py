@@ -125,6 +125,11 @@ class Upstream:
         self.requests += 1
         self.last_body = req
         self.last_headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        unexpected = set(req) & set(self.args.reject_fields)
+        if unexpected:  # as transformers serve answers fields it does not know
+            await _json(send, 422, {"detail": f"Unexpected fields in the request: "
+                                              f"{sorted(unexpected)}"})
+            return
         if self.fail_count:
             self.fail_count -= 1
             await _json(send, self.fail_status, {"error": {
@@ -242,6 +247,8 @@ def main() -> None:
     parser.add_argument("--loading-s", type=float, default=0)
     parser.add_argument("--kv-metric", help="publish vLLM's gauges, the KV cache's under this "
                         "name (vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc before V1)")
+    parser.add_argument("--reject-fields", nargs="*", default=[], metavar="FIELD",
+                        help="answer 422 to a generation request carrying any of these")
     parser.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
     parser.add_argument("--ssl-keyfile")
     args = parser.parse_args()

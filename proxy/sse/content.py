@@ -113,3 +113,15 @@ RESPONSES = ContentRule("responses", ("delta",), last=(
 # Anthropic Messages: content_block_delta's text_delta / input_json_delta / thinking_delta
 MESSAGES = ContentRule("messages", ("text", "partial_json", "thinking"),
                        last=(b'"message_stop"',))
+
+
+_FINISH_VALUE = re.compile(rb'\s*:\s*"')  # after the key
+
+
+def finishes(data: bytes | None) -> bool:
+    """A chat or completions event with a `finish_reason` that is a string (vLLM sends
+    `null` in every other chunk): the choice is complete."""
+    if data is None:
+        return False
+    at = data.find(b'"finish_reason"')
+    return at >= 0 and _FINISH_VALUE.match(data, at + 15) is not None

@@ -21,12 +21,11 @@ from typing import Any
 
 import orjson
 
-from proxy.sse.content import CHAT, ContentRule
+from proxy.sse.content import CHAT, ContentRule, finishes
 from proxy.sse.framing import Event, Framer
 from proxy.sse.usage import has_escape, might_hold_usage, usage_in
 
 _USAGE_ONLY_EVENT = re.compile(rb'"choices"\s*:\s*\[\s*\]')
-_FINISH_VALUE = re.compile(rb'\s*:\s*"')  # after the key
 _MESSAGE_START = b'"message_start"'  # Anthropic: the prompt's usage comes first
 _USAGE_EVENTS_KEPT = 4
 
@@ -110,7 +109,7 @@ class StreamObserver:
             self._pending += chunk
             return b""
         if len(events) == 1 and not (dropped or self._pending or self._held) \
-                and events[0].end == len(chunk) and not _finishes(events[0].data):
+                and events[0].end == len(chunk) and not finishes(events[0].data):
             return chunk  # the common read: one whole token event, passed as it is
         out: list[bytes] = []
         start = 0
@@ -127,7 +126,7 @@ class StreamObserver:
             if self._held is not None:
                 out.append(self._held_raw)
                 self._held, self._held_raw = None, b""
-            if _finishes(data):
+            if finishes(data):
                 self._held, self._held_raw = event, raw
             else:
                 out.append(raw)
@@ -146,14 +145,6 @@ def _move_timings(source: bytes, target: Event, raw: bytes) -> bytes:
         return raw
     event["timings"] = timings
     return b"data: " + orjson.dumps(event) + raw[len(raw.rstrip(b"\r\n")):]
-
-
-def _finishes(data: bytes | None) -> bool:
-    """A `finish_reason` that is a string (vLLM sends `null` in every other chunk)."""
-    if data is None:
-        return False
-    at = data.find(b'"finish_reason"')
-    return at >= 0 and _FINISH_VALUE.match(data, at + 15) is not None
 
 
 def _is_usage_only(data: bytes, escaped: bool) -> bool:

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-quick test chaos soak lint typecheck llama-server vllm container-base \
-	debian-tools agents overhead crosscheck clean
+	debian-tools agents overhead crosscheck gpu-carry clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ chaos: $(STAMP) llama-server
 
 soak: $(STAMP) llama-server
 	$(BIN)/python benchmarks/soak.py --minutes 5
+
+# What benchmarks/gpu/run.py needs on a GPU machine that cannot download: wheels for its
+# Python and a slim llama.cpp source, under .carry/ (~10 MB; see benchmarks/gpu/carry.py).
+gpu-carry: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu.carry
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -61,7 +61,9 @@ class Attempt:
         if not output and observer.content_events:  # no usage: one token per content event
             output, self.estimated = observer.content_events, True
         self.tokens(prompt, output, cached)
-        self.answered = observer.ended
+        # a chat stream whose choice finished has said everything, [DONE] or not
+        # (transformers serve sends none; the openai SDK and Codex close on either)
+        self.answered = observer.ended or observer.finished
 
     def end(self, outcome: str, fault: Fault = Fault.NONE) -> None:
         """How the try ended, and how the backend failed it, if it did."""

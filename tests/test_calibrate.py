@@ -92,3 +92,16 @@ def test_calibration_off_sends_nothing(launch: Launcher) -> None:
     assert views(proxy)["up"]["completed"] == 0
     time.sleep(1.0)
     assert up.get("/_stats")["requests"] == 0
+
+
+def test_a_server_that_sends_no_done_is_calibrated(launch: Launcher) -> None:
+    # transformers serve ends a stream with its finish chunk and no [DONE]: that answer is
+    # whole, so the probe measures the backend (it once left it unmeasured, and a cold
+    # pool's first real request went there to measure it)
+    up = launch.upstream("up", model="m", token_delay_ms=2)
+    up.post("/_control", {"style": "transformers"})
+    proxy = launch.proxy([backend("up", up, models=["m"])],
+                         routing={"calibrate_tokens": TOKENS})
+    first = views(proxy)["up"]
+    assert first["completed"] == 1 and first["throughput_curve"][0][0] == 1
+    assert "calibrated backend up" in proxy.output()

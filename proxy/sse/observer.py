@@ -33,7 +33,7 @@ _USAGE_EVENTS_KEPT = 4
 class StreamObserver:
     __slots__ = ("_framer", "_held", "_held_raw", "_opening", "_pending", "_rule",
                  "_strip_usage", "_usage_events", "content_events", "ended",
-                 "first_content_at")
+                 "finished", "first_content_at")
 
     def __init__(self, strip_usage: bool, content: ContentRule = CHAT) -> None:
         self._strip_usage = strip_usage
@@ -47,6 +47,7 @@ class StreamObserver:
         self.first_content_at: float | None = None
         self.content_events = 0
         self.ended = False  # the stream's last event has passed (and was handed on)
+        self.finished = False  # chat/completions: a choice ended (a finish_reason passed)
 
     @property
     def mid_event(self) -> bool:
@@ -68,6 +69,8 @@ class StreamObserver:
                     self.first_content_at = now
             if self._rule.ends(data):
                 self.ended = True
+            elif not self._rule.last and finishes(data):
+                self.finished = True
             if might_hold_usage(data, escaped):
                 if self._opening is None and _MESSAGE_START in data:
                     self._opening = data

@@ -19,8 +19,11 @@ once `make gpu-carry` has fetched `.carry/`):
    software versions), `gpu.png` and `gpu.md` (the table with each pool's ratio to the
    best single engine at each level) under `--out`.
 
-`--targets` runs a subset (the device lends 10 minutes per command: run the engines in one
-call, the pools in the next, and `--merge` the first call's gpu.json into the second's).
+`--targets shared` also loads both engines at once, each by its own client
+(`--shared-levels`): what each delivers while the other works on the same GPU.
+`--targets` runs a subset (the device lends 10 minutes per command: run the engines in
+one call, the pools in the next, and `--merge` the first call's gpu.json into the
+second's).
 `--dry-run` does it all on a CPU: the CPU build, toy models, `transformers serve --device
 cpu` (or `--batching emulator`: sluiceway's emulated vLLM), short levels.
 
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,7 @@ from tests.realllama.model import Shape, write_model
 MODEL = "random-llama"  # the name clients ask the pool for
 ENGINES = ("llama-server", "transformers")
 POLICIES = ("round_robin", "least_loaded", "adaptive")
+SHARED_PREFIX = "beside the other: "  # labels of the both-engines-at-once run
 GGUF_SHAPE = Shape(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192,
                    n_ctx_train=4096, seed=20261203)
 TINY_GGUF = Shape()  # the test suite's model: tens of tokens/s on one CPU thread
@@ -178,22 +183,52 @@ apis = ["chat", "completions"]
 """
 
 
-def bench(name: str, url: str, model: str, args: argparse.Namespace, logs: Path) -> (
-        list[dict[str, Any]]):
-    """One target's sweep with `sluiceway bench`, in its own process."""
-    out = logs / f"bench-{name}.json"
-    cmd = [sys.executable, "-m", "proxy.cli", "bench", "--url", f"{name}={url}",
-           "--model", model, "--concurrency", args.levels, "--duration-s",
-           str(args.duration_s), "--input-len", "512", "--output-len", "128",
-           "--warmup", "1", "--timeout-s", "300", "--no-ignore-eos", "--no-progress",
-           "--json", str(out)]
-    log(f"bench {name}: {args.levels} at {args.duration_s:g} s per level")
-    with (logs / f"bench-{name}.log").open("wb") as fh:
-        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT)
+def _bench_cmd(name: str, url: str, model: str, levels: str, args: argparse.Namespace,
+               out: Path) -> list[str]:
+    return [sys.executable, "-m", "proxy.cli", "bench", "--url", f"{name}={url}",
+            "--model", model, "--concurrency", levels, "--duration-s",
+            str(args.duration_s), "--input-len", "512", "--output-len", "128",
+            "--warmup", "1", "--timeout-s", "300", "--no-ignore-eos", "--no-progress",
+            "--json", str(out)]
+
+
+def _read(name: str, out: Path) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = json.loads(out.read_text())["results"]
     for r in results:
         log(f"  {name} c={r['max_concurrency']}: {r['output_throughput']:.0f} tok/s, "
             f"ttft {r['mean_ttft_ms']:.0f} ms, failed {r['failed']}")
+    return results
+
+
+def bench(name: str, url: str, model: str, args: argparse.Namespace, logs: Path) -> (
+        list[dict[str, Any]]):
+    """One target's sweep with `sluiceway bench`, in its own process."""
+    out = logs / f"bench-{name}.json"
+    log(f"bench {name}: {args.levels} at {args.duration_s:g} s per level")
+    with (logs / f"bench-{name}.log").open("wb") as fh:
+        subprocess.run(_bench_cmd(name, url, model, args.levels, args, out), check=True,
+                       stdout=fh, stderr=subprocess.STDOUT)
+    return _read(name, out)
+
+
+def shared(llama: str, batching: str, batching_model: str, args: argparse.Namespace,
+           logs: Path) -> list[dict[str, Any]]:
+    """Both engines loaded at once, each by its own client at the same levels: what each
+    delivers while the other works on the same GPU (a pool's real situation)."""
+    runs = {f"{SHARED_PREFIX}llama-server": (llama, MODEL),
+            f"{SHARED_PREFIX}transformers": (batching, batching_model)}
+    log(f"bench both engines at once: {args.shared_levels} each")
+    procs = []
+    for name, (url, model) in runs.items():
+        out = logs / f"bench-{name}.json"
+        procs.append((name, out, subprocess.Popen(
+            _bench_cmd(name, url, model, args.shared_levels, args, out),
+            stdout=(logs / f"bench-{name}.log").open("wb"), stderr=subprocess.STDOUT)))
+    results: list[dict[str, Any]] = []
+    for name, out, proc in procs:
+        if proc.wait(timeout=1800) != 0:
+            raise RuntimeError(f"bench {name} exited with {proc.returncode}")
+        results += _read(name, out)
     return results
 
 
@@ -234,10 +269,13 @@ def versions(llama_server: Path | None) -> dict[str, Any]:
     return meta
 
 
-def run_targets(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
-                                                                 dict[str, Any]]:
+def run_targets(args: argparse.Namespace, work: Path,
+                checkpoint: Callable[[list[dict[str, Any]]], None]) -> tuple[
+                    list[dict[str, Any]], dict[str, Any]]:
+    """Every target in turn; `checkpoint` gets the results so far after each one (a run
+    cut short by a time limit still leaves what it measured)."""
     targets = [t for t in args.targets.split(",") if t]
-    unknown = set(targets) - set(ENGINES) - set(POLICIES)
+    unknown = set(targets) - set(ENGINES) - set(POLICIES) - {"shared"}
     if unknown:
         raise SystemExit(f"unknown --targets {sorted(unknown)}: of {ENGINES + POLICIES}")
     cache: Path = args.cache
@@ -270,6 +308,8 @@ def run_targets(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, An
                 results += bench(target, llama, MODEL, args, work)
             elif target == "transformers":
                 results += bench(target, batching, repo_id, args, work)
+            elif target == "shared":
+                results += shared(llama, batching, repo_id, args, work)
             else:
                 config = work / f"sluiceway-{target}.toml"
                 config.write_text(proxy_config(llama, batching, repo_id, target))
@@ -283,6 +323,7 @@ def run_targets(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, An
                                      MODEL, args, work)
                 finally:
                     stack.stop(f"sluiceway-{target}")
+            checkpoint(results)
     except (subprocess.CalledProcessError, RuntimeError) as exc:
         log(f"failed: {exc}")
         for name in ("llama-server", "transformers", *(f"sluiceway-{p}" for p in POLICIES)):
@@ -299,10 +340,11 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
     tok: dict[str, dict[int, float]] = {}
     for r in results:
         tok.setdefault(r["label"], {})[r["max_concurrency"]] = r["output_throughput"]
-    singles = {k: v for k, v in tok.items() if not k.startswith("sluiceway")}
+    singles = {k: v for k, v in tok.items()
+               if not k.startswith(("sluiceway", SHARED_PREFIX))}
     out: dict[str, dict[int, float]] = {}
     for label, levels in tok.items():
-        if label in singles:
+        if label in singles or label.startswith(SHARED_PREFIX):
             continue
         out[label] = {}
         for c, value in levels.items():
@@ -337,6 +379,13 @@ def write_report(out: Path, results: list[dict[str, Any]], meta: dict[str, Any])
                         for label, v in ratios(results).items()))
 
 
+def merge(previous: list[dict[str, Any]], results: list[dict[str, Any]]) -> (
+        list[dict[str, Any]]):
+    """This run's results over an earlier run's: a target measured again replaces it."""
+    labels = {r["label"] for r in results}
+    return [r for r in previous if r["label"] not in labels] + results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/gpu"))
@@ -350,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=",".join(ENGINES + POLICIES))
     parser.add_argument("--levels", default="1,2,4,8,16,32,64")
     parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--shared-levels", default="4,16",
+                        help="the `shared` target: each engine's own closed-loop levels")
     parser.add_argument("--slots", type=int, default=4, help="llama-server --parallel")
     parser.add_argument("--batching", choices=["transformers", "emulator"],
                         default="transformers", help="the continuous-batching engine")
@@ -375,15 +426,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="sluiceway-gpu-"))
     try:
-        results, meta_now = run_targets(args, work) if args.targets else ([], {})
+        def checkpoint(partial: list[dict[str, Any]]) -> None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            report.write_json(args.out / "gpu.json", merge(previous, partial), meta)
+
+        results, meta_now = (run_targets(args, work, checkpoint) if args.targets
+                             else ([], {}))
     finally:  # every process log, tails only: the engines' and each bench's
         args.out.mkdir(parents=True, exist_ok=True)
         with (args.out / "logs.txt").open("w") as fh:
             for path in sorted(work.glob("*.log")):
                 fh.write(f"===== {path.name}\n{path.read_text(errors='replace')[-20000:]}\n")
         shutil.rmtree(work, ignore_errors=True)
-    labels = {r["label"] for r in results}
-    merged = [r for r in previous if r["label"] not in labels] + results
+    merged = merge(previous, results)
     meta = meta | meta_now | {"sluiceway_gpu": 1, "levels": args.levels,
                               "duration_s": args.duration_s, "slots": args.slots,
                               "batching": args.batching}

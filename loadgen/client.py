@@ -124,9 +124,12 @@ async def send(
     A pooled keep-alive connection the server has already closed fails before anything was
     received: llama-server announces keep-alive and closes after each stream, and aiohttp
     may reuse the socket before it has seen the FIN. Such a request never reached the
-    server, so it is sent again (at most twice, on the next connection) and counted in
-    `record.resent`; t0 is taken again for it."""
-    for tries_left in range(_STALE_RETRIES, -1, -1):
+    server, so it is sent again and counted in `record.resent`; t0 is taken again for it.
+    Every pooled socket may be stale at once (on the H200, 4 streams ending together left
+    4, and two resends lost 5 requests of 100), and each failed one is discarded: so it is
+    resent up to the pool's size, which then must reach a new connection."""
+    limit = session.connector.limit if session.connector is not None else 0
+    for tries_left in range(max(_STALE_RETRIES, limit), -1, -1):
         try:
             await _send_once(session, url, body, headers, record, timeout_s, counter)
             return

@@ -1,6 +1,7 @@
 """`sluiceway demo`: what sluiceway is for, on nothing but this package.
 
-Starts an emulated llama.cpp (`llamacpp-q4km`) and an emulated vLLM (`vllm-fp8-aiter`),
+Starts an emulated llama.cpp (`llamacpp-q4km`) and an emulated vLLM (`vllm-fp8-aiter`)
+(`--profile-set h200`: the real llama-server and transformers serve measured on an H200),
 `sluiceway serve` in front of both, sweeps each backend alone and the proxy, and prints one
 side-by-side table; JSON, PNG and HTML go under `--out`. The proxy is measured as a user
 meets it: freshly started, every request counted from its first (no learning pass), whole
@@ -19,6 +20,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,21 @@ from loadgen.workload import Workload
 MODEL = "qwen3.6-35b-a3b"
 
 
+@dataclass(frozen=True)
+class ProfileSet:
+    """The two engines a demo emulates: a llama.cpp profile and a batching one."""
+
+    llama: str
+    batching: str
+    hardware: str
+
+
+PROFILE_SETS = {
+    "mi300x": ProfileSet("llamacpp-q4km", "vllm-fp8-aiter", "MI300X"),
+    "h200": ProfileSet("h200-llamacpp-q4km", "h200-transformers-cb", "H200"),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="concurrency 1, 8, 32 only: done within a minute on 2 cores")
@@ -40,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="emulator speed-up (default 8 with --quick, else 4: the full "
                              "sweep's 128 streams at 8x saturate two cores)")
     parser.add_argument("--policy", default="adaptive", help="the proxy's routing policy")
+    parser.add_argument("--profile-set", choices=sorted(PROFILE_SETS), default="mi300x",
+                        help="mi300x: llama.cpp and vLLM as measured on an AMD MI300X (the "
+                             "seed's post); h200: llama-server and transformers serve as "
+                             "measured on an NVIDIA H200 (benchmarks/gpu)")
 
 
 class Processes:
@@ -68,7 +89,7 @@ class Processes:
                 proc.wait(5)
 
 
-def _config(llama: int, vllm: int, policy: str) -> str:
+def _config(llama: int, vllm: int, policy: str, names: ProfileSet) -> str:
     return f"""[server]
 access_log = false
 [routing]
@@ -76,14 +97,14 @@ policy = "{policy}"
 [health]
 interval_s = 1
 [[backends]]
-name = "vllm-fp8-aiter"
+name = "{names.batching}"
 kind = "vllm"
 url = "http://127.0.0.1:{vllm}"
 models = ["{MODEL}"]
 max_concurrency = 1024   # vLLM's default max-num-seqs on a 192 GB card
 apis = ["chat", "completions"]   # the emulators: Messages requests are translated
 [[backends]]
-name = "llamacpp-q4km"
+name = "{names.llama}"
 kind = "llamacpp"
 url = "http://127.0.0.1:{llama}"
 models = ["{MODEL}"]
@@ -113,21 +134,23 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         llama_port, vllm_port, proxy_port = free_port(), free_port(), free_port()
+        names = PROFILE_SETS[args.profile_set]
         llama = procs.start("llamacpp", "emulate", "--engine", "llamacpp", "--profile",
-                            "llamacpp-q4km", "--port", str(llama_port), "--speed", str(speed))
+                            names.llama, "--port", str(llama_port), "--speed", str(speed))
         vllm = procs.start("vllm", "emulate", "--engine", "vllm", "--profile",
-                           "vllm-fp8-aiter", "--port", str(vllm_port), "--speed", str(speed))
+                           names.batching, "--port", str(vllm_port), "--speed", str(speed))
         config = out / "sluiceway.toml"
-        config.write_text(_config(llama_port, vllm_port, args.policy))
+        config.write_text(_config(llama_port, vllm_port, args.policy, names))
         wait_http(f"http://127.0.0.1:{llama_port}/health", llama)
         wait_http(f"http://127.0.0.1:{vllm_port}/health", vllm)
         proxy = procs.start("sluiceway", "serve", "--config", str(config), "--port",
                             str(proxy_port), "--log-level", "warning")
         wait_http(f"http://127.0.0.1:{proxy_port}/ready", proxy)
         pool = Target(f"sluiceway ({args.policy})", f"http://127.0.0.1:{proxy_port}", MODEL)
-        targets = [Target("llamacpp-q4km", f"http://127.0.0.1:{llama_port}", MODEL),
-                   Target("vllm-fp8-aiter", f"http://127.0.0.1:{vllm_port}", MODEL), pool]
-        print(f"sluiceway demo: emulated llama.cpp and vLLM at --speed {speed:g}, "
+        targets = [Target(names.llama, f"http://127.0.0.1:{llama_port}", MODEL),
+                   Target(names.batching, f"http://127.0.0.1:{vllm_port}", MODEL), pool]
+        print(f"sluiceway demo: emulated {names.llama} and {names.batching} "
+              f"({names.hardware} profiles) at --speed {speed:g}, "
               f"512 in / 128 out, closed loop at {', '.join(map(str, levels))}",
               file=sys.stderr)
         results = sweep(targets, levels, 3, show_progress=True)
@@ -137,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         procs.stop_all()
-    title = (f"sluiceway demo: llama.cpp vs vLLM vs sluiceway (emulated MI300X profiles, "
+    hardware = PROFILE_SETS[args.profile_set].hardware
+    title = (f"sluiceway demo: llama.cpp vs batching vs sluiceway (emulated {hardware} "
+             f"profiles, "
              f"figures in profile time; run at --speed {speed:g})")
     table = report.side_by_side(results, scale=speed)
     print(f"\n{title}\n\n{table}\n")

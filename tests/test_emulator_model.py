@@ -94,3 +94,40 @@ def test_slots_bound_the_batch() -> None:
     rate = asyncio.run(closed_loop_rate(profile, 32, slots=8))
     assert rate == pytest.approx(profile.aggregate_tok_s(8), rel=0.03)
     assert rate < 0.95 * profile.aggregate_tok_s(32)
+
+
+def _measured() -> list[tuple[str, int, float]]:
+    """Each (profile, level, tok/s) a profile file keeps from the sweep it was made from."""
+    import tomllib
+    from importlib import resources
+
+    cases = []
+    for path in sorted(resources.files("emulator").joinpath("profiles").iterdir(),
+                       key=str):
+        if not path.name.endswith(".toml"):
+            continue
+        for name, entry in tomllib.loads(path.read_text()).get("engines", {}).items():
+            for c, tok_s in zip(entry.get("measured_concurrency", ()),
+                                entry.get("measured_output_tok_s", ()), strict=True):
+                cases.append((name, c, float(tok_s)))
+    return cases
+
+
+# llama-server alone on the H200 at 8 clients: 1,112 tok/s, where 4 slots make the model
+# flat at T(4) = 1,234 (+11%); its other levels past 4 slots read 1,258-1,298 (+/-5%). A
+# flat curve cannot follow that dip; it is held to 12% and named here, not hidden.
+OUTSIDE_10_PERCENT = {("h200-llamacpp-q4km", 8): 0.12}
+
+
+@pytest.mark.parametrize(("profile_name", "concurrency", "measured"), _measured())
+def test_emulator_reproduces_the_measured_sweep(profile_name: str, concurrency: int,
+                                                measured: float) -> None:
+    """The GPU profiles: the emulator within 10% of the real engine at every level swept
+    (including llama-server's levels past its slots, where its clients queue)."""
+    profile = get_profile(profile_name)
+    slots = (profile.default_slots or 4) if profile.engine == "llamacpp" \
+        else DEFAULT_MAX_NUM_SEQS
+    rate = asyncio.run(closed_loop_rate(profile, concurrency, slots))
+    tolerance = OUTSIDE_10_PERCENT.get((profile_name, concurrency), 0.10)
+    assert rate == pytest.approx(measured, rel=tolerance), (
+        f"{profile_name} at {concurrency}: emulated {rate:.0f} tok/s, measured {measured:.0f}")

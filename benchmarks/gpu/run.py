@@ -24,8 +24,9 @@ once `make gpu-carry` has fetched `.carry/`):
 `--targets` runs a subset (the device lends 10 minutes per command: run the engines in
 one call, the pools in the next, and `--merge` the first call's gpu.json into the
 second's).
-`--dry-run` does it all on a CPU: the CPU build, toy models, `transformers serve --device
-cpu` (or `--batching emulator`: sluiceway's emulated vLLM), short levels.
+`--dry-run` does it all on a CPU: the test suite's CPU llama-server and toy model (F16),
+`transformers serve --device cpu` (or `--batching emulator`: sluiceway's emulated vLLM),
+short levels (tests/test_gpu_script.py runs it so).
 
     python -m benchmarks.gpu.run --out out/gpu
     python -m benchmarks.gpu.run --dry-run --batching emulator --out /tmp/gpu-dry
@@ -51,6 +52,7 @@ from loadgen import report
 from loadgen.local import free_port, wait_http
 from tests.machine import cache_root
 from tests.realllama.build import LLAMA_CPP_PYTHON_VERSION
+from tests.realllama.build import build as build_cpu_server
 from tests.realllama.model import Shape, write_model
 
 MODEL = "random-llama"  # the name clients ask the pool for
@@ -232,12 +234,12 @@ def shared(llama: str, batching: str, batching_model: str, args: argparse.Namesp
     return results
 
 
-def warm(name: str, url: str, model: str, logs: Path) -> None:
+def warm(name: str, url: str, model: str, logs: Path, levels: tuple[int, ...]) -> None:
     """Uncounted traffic at a few batch sizes, so that no engine's first sweep pays its
     lazy start (CUDA graph captures, allocator growth): engines in service are warm; the
     proxy is what each pool run starts cold."""
     started = time.monotonic()
-    for c in (1, 8, 64):
+    for c in levels:
         subprocess.run([sys.executable, "-m", "proxy.cli", "bench", "--url", f"{name}={url}",
                         "--model", model, "--concurrency", str(c), "--requests", str(c),
                         "--input-len", "512", "--output-len", "32", "--warmup", "0",
@@ -281,8 +283,13 @@ def run_targets(args: argparse.Namespace, work: Path,
     cache: Path = args.cache
     cache.mkdir(parents=True, exist_ok=True)
     gpu = not args.dry_run
-    binaries = llama_cuda.build(cache, args.llama_src, cpu=not gpu, log=log)
-    model = gguf_model(cache, binaries, GGUF_SHAPE if gpu else TINY_GGUF, quantize=True)
+    if gpu:
+        binaries = llama_cuda.build(cache, args.llama_src, log=log)
+        model = gguf_model(cache, binaries, GGUF_SHAPE, quantize=True)
+    else:  # the test suite's CPU build and model size, unquantized: no extra build
+        built = build_cpu_server()
+        binaries = llama_cuda.LlamaBinaries(built.server, built.server, built.vocab)
+        model = gguf_model(cache, binaries, TINY_GGUF, quantize=False)
     hf_home = cache / "hf"
     repo_id = MODEL
     if args.batching == "transformers":
@@ -301,8 +308,9 @@ def run_targets(args: argparse.Namespace, work: Path,
         batching = (start_transformers(stack, args, hf_home, repo_id)
                     if args.batching == "transformers" else start_emulator(stack))
         log(f"{args.batching} up at {batching}")
-        warm("llama-server", llama, MODEL, work)
-        warm("transformers", batching, repo_id, work)
+        warm_levels = (1, 8, 64) if gpu else (1,)
+        warm("llama-server", llama, MODEL, work, warm_levels)
+        warm("transformers", batching, repo_id, work, warm_levels)
         for target in targets:
             if target == "llama-server":
                 results += bench(target, llama, MODEL, args, work)

@@ -26,7 +26,7 @@ from typing import Any
 
 from emulator.profile import get_profile
 from loadgen import report
-from loadgen.local import free_port, wait_http
+from loadgen.local import free_port, proxy_head, wait_http
 from loadgen.runner import Target, closed_loop
 from loadgen.workload import Workload
 
@@ -90,13 +90,7 @@ class Processes:
 
 
 def _config(llama: int, vllm: int, policy: str, names: ProfileSet) -> str:
-    return f"""[server]
-access_log = false
-[routing]
-policy = "{policy}"
-[health]
-interval_s = 1
-[[backends]]
+    return proxy_head(policy) + f"""[[backends]]
 name = "{names.batching}"
 kind = "vllm"
 url = "http://127.0.0.1:{vllm}"

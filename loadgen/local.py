@@ -29,3 +29,15 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None,
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
+
+
+def proxy_head(policy: str) -> str:
+    """The start of a `sluiceway serve` config for a local benchmark: no access log, the
+    policy, health read every second (the [[backends]] follow)."""
+    return f"""[server]
+access_log = false
+[routing]
+policy = "{policy}"
+[health]
+interval_s = 1
+"""

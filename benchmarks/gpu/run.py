@@ -49,7 +49,7 @@ from typing import Any
 
 from benchmarks.gpu import llama_cuda
 from loadgen import report
-from loadgen.local import free_port, wait_http
+from loadgen.local import free_port, proxy_head, wait_http
 from tests.machine import cache_root
 from tests.realllama.build import LLAMA_CPP_PYTHON_VERSION
 from tests.realllama.build import build as build_cpu_server
@@ -162,13 +162,7 @@ def start_emulator(stack: Stack) -> str:
 
 
 def proxy_config(llama: str, batching: str, batching_model: str, policy: str) -> str:
-    return f"""[server]
-access_log = false
-[routing]
-policy = "{policy}"
-[health]
-interval_s = 1
-[[backends]]
+    return proxy_head(policy) + f"""[[backends]]
 name = "llama-server"
 kind = "llamacpp"
 url = "{llama}"

@@ -64,7 +64,7 @@ vllm: $(STAMP)
 container-base: $(STAMP)
 	$(BIN)/python -m tests.container.base
 
-# Chromium (the admin page's test) and promtool (the /metrics check), from Debian.
+# Chromium (the admin page's test), promtool (the /metrics check), nginx and redis-server, from Debian.
 debian-tools: $(STAMP)
 	$(BIN)/python -m tests.debian_tools
 

@@ -1,5 +1,6 @@
-"""Debian programs some tests drive: Chromium (the admin page), promtool (/metrics) and
-nginx (an ingress that times out silent responses).
+"""Debian programs some tests drive: Chromium (the admin page), promtool (/metrics),
+nginx (an ingress that times out silent responses) and redis-server (the replicas' shared
+state).
 
     python -m tests.debian_tools      # installs what is missing (apt-get, as root)
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 from tests.machine import ensure_debian_packages
 
-TOOLS = {"chromium": "chromium", "promtool": "prometheus", "nginx": "nginx-light"}
+TOOLS = {"chromium": "chromium", "promtool": "prometheus", "nginx": "nginx-light",
+         "redis-server": "redis-server"}
 
 
 def ensure() -> None:

@@ -1,0 +1,1 @@
+"""Several sluiceway replicas as one: state shared through Redis (see leases.py)."""

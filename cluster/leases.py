@@ -1,0 +1,214 @@
+"""Global in-flight slots on Redis: leases that every sluiceway replica shares.
+
+A backend's in-flight requests, summed over all replicas, are the members of one sorted
+set (`{prefix}:leases:{backend}`), each a lease id scored by its expiry in milliseconds on
+Redis's own clock (`TIME`: replicas' clocks never matter). Acquiring is one Lua script,
+run atomically by Redis: drop the expired members, and add one only while fewer than the
+limit remain. So the sum over replicas never exceeds the limit, whatever the replicas
+do at the same moment. Releasing removes the member and publishes the backend's new count
+on `{prefix}:released`, so a replica with requests waiting for that backend can try
+again at once instead of polling. A replica renews its own leases every `ttl / 3`; one
+that dies (SIGKILL, a lost host) stops renewing and its leases expire within `ttl`.
+
+Replicas also keep a heartbeat (`{prefix}:replicas`, ids scored by expiry), so each knows
+how many are alive and its own rank among them: `partition` turns that into this
+replica's share of a backend's capacity for when Redis cannot be reached (the shares of
+all replicas sum to the capacity, so the fallback never over-admits either).
+
+This module owns no policy and no HTTP: it is the store. The proxy's admission decides
+what to acquire and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("sluiceway.cluster")
+
+# KEYS[1] the backend's lease set, ARGV: lease id, limit, ttl in ms.
+# Returns {1 if granted else 0, the set's size after}.
+_ACQUIRE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+local held = redis.call('ZCARD', KEYS[1])
+if held < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[3]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+  return {1, held + 1}
+end
+return {0, held}
+"""
+
+# KEYS[1] the lease set, KEYS[2] the channel; ARGV[1] the backend's name, ARGV[2..] ids.
+# Returns the set's size after.
+_RELEASE = """
+local removed = redis.call('ZREM', KEYS[1], unpack(ARGV, 2))
+local held = redis.call('ZCARD', KEYS[1])
+if removed > 0 then
+  redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' ' .. held)
+end
+return held
+"""
+
+# KEYS: lease sets; ARGV[1] ttl in ms, ARGV[2] replica id, then per key: count, ids...
+# Pushes the expiry of the leases still held (XX: never resurrects an expired one) and
+# of this replica's heartbeat (the last key is the replicas set).
+_RENEW = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local at = 3
+for i = 1, #KEYS - 1 do
+  local n = tonumber(ARGV[at])
+  for j = 1, n do
+    redis.call('ZADD', KEYS[i], 'XX', ms + ttl, ARGV[at + j])
+  end
+  if n > 0 then redis.call('PEXPIRE', KEYS[i], ttl * 2) end
+  at = at + n + 1
+end
+local replicas = KEYS[#KEYS]
+redis.call('ZREMRANGEBYSCORE', replicas, '-inf', ms)
+redis.call('ZADD', replicas, ms + ttl, ARGV[2])
+return redis.call('ZRANGE', replicas, 0, -1)
+"""
+
+Listener = Callable[[str, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    backend: str
+    lease_id: str
+
+
+@dataclass(slots=True)
+class _Held:
+    ids: set[str] = field(default_factory=set)
+
+
+def partition(capacity: int, replicas: list[str], me: str) -> int:
+    """This replica's share of `capacity` when the replicas cannot coordinate: an even
+    split by rank in the sorted replica ids, the remainder to the first ones, so the
+    shares sum to exactly `capacity` (a replica may get 0 where there are more replicas
+    than slots). With no list known, all of it is assumed to be this replica's alone."""
+    live = sorted(set(replicas) | {me})
+    rank = live.index(me)
+    base, extra = divmod(capacity, len(live))
+    return base + (1 if rank < extra else 0)
+
+
+class LeaseStore:
+    """One replica's leases, held in Redis (see the module docstring)."""
+
+    def __init__(self, client: Redis, replica_id: str, ttl_s: float = 3.0,
+                 prefix: str = "sluiceway") -> None:
+        self._redis = client
+        self.replica_id = replica_id
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._prefix = prefix
+        self._serial = itertools.count()
+        self._held: dict[str, _Held] = {}
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        self.replicas: list[str] = [replica_id]  # as of the last heartbeat
+
+    @property
+    def channel(self) -> str:
+        return f"{self._prefix}:released"
+
+    def _key(self, backend: str) -> str:
+        return f"{self._prefix}:leases:{backend}"
+
+    def held(self, backend: str) -> int:
+        """Leases this replica holds on `backend` now."""
+        entry = self._held.get(backend)
+        return len(entry.ids) if entry else 0
+
+    async def acquire(self, backend: str, limit: int) -> tuple[Lease | None, int]:
+        """A lease on one of `backend`'s `limit` slots, or None when all are taken; and the
+        backend's global in-flight count after. Raises RedisError when Redis fails."""
+        lease_id = f"{self.replica_id}:{next(self._serial)}"
+        granted, count = await self._acquire(
+            keys=[self._key(backend)], args=[lease_id, limit, self._ttl_ms])
+        if not granted:
+            return None, int(count)
+        self._held.setdefault(backend, _Held()).ids.add(lease_id)
+        return Lease(backend, lease_id), int(count)
+
+    async def release(self, lease: Lease) -> int:
+        """Give the slot back (and wake the replicas waiting for it); the backend's global
+        count after. The lease is forgotten here even when Redis fails: it then expires."""
+        entry = self._held.get(lease.backend)
+        if entry is not None:
+            entry.ids.discard(lease.lease_id)
+        count = await self._release(keys=[self._key(lease.backend), self.channel],
+                                    args=[lease.backend, lease.lease_id])
+        return int(count)
+
+    async def release_all(self) -> None:
+        """Every lease this replica holds, at once (shutdown)."""
+        for backend, entry in list(self._held.items()):
+            ids, entry.ids = list(entry.ids), set()
+            if ids:
+                await self._release(keys=[self._key(backend), self.channel],
+                                    args=[backend, *ids])
+        await self._redis.zrem(f"{self._prefix}:replicas", self.replica_id)
+
+    async def renew(self) -> list[str]:
+        """Push back the expiry of every lease held here, and this replica's heartbeat;
+        return the live replicas' ids."""
+        keys, args = [], [str(self._ttl_ms), self.replica_id]
+        for backend, entry in self._held.items():
+            keys.append(self._key(backend))
+            args += [str(len(entry.ids)), *sorted(entry.ids)]
+        keys.append(f"{self._prefix}:replicas")
+        live = await self._renew(keys=keys, args=args)
+        self.replicas = sorted(x.decode() if isinstance(x, bytes) else str(x) for x in live)
+        return self.replicas
+
+    async def count(self, backend: str) -> int:
+        """The backend's global in-flight count (expired leases not counted)."""
+        now_s, now_us = await self._redis.time()
+        ms = now_s * 1000 + now_us // 1000
+        return int(await self._redis.zcount(self._key(backend), f"({ms}", "+inf"))
+
+    async def renew_forever(self, on_error: Callable[[RedisError | OSError], None]) -> None:
+        """Renew every ttl / 3 until cancelled; report failures and keep trying."""
+        while True:
+            try:
+                await self.renew()
+            except (RedisError, OSError) as exc:
+                on_error(exc)
+            await asyncio.sleep(self._ttl_ms / 3000)
+
+    async def listen(self, listener: Listener) -> None:
+        """Call `listener(backend, count)` for every release any replica publishes, until
+        cancelled. Reconnects after a failure (a restarted Redis) with a short pause."""
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    data = message["data"]
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    backend, _, count = text.rpartition(" ")
+                    with contextlib.suppress(ValueError):
+                        listener(backend, int(count))
+            except (RedisError, OSError) as exc:
+                log.warning("cluster: lost the release channel (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

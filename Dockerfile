@@ -19,6 +19,7 @@ COPY backends ./backends
 COPY policies ./policies
 COPY emulator ./emulator
 COPY loadgen ./loadgen
+COPY cluster ./cluster
 RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/sluiceway/bin/pip wheel --wheel-dir /wheels . \
     && /opt/sluiceway/bin/pip install --no-index --find-links /wheels sluiceway \

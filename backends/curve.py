@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import Any
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 ALPHA = 0.1  # weight of a new rate sample in a bucket past its first 1 / ALPHA samples
@@ -82,6 +83,21 @@ class CurveLearner:
         if ttft_s is not None and ttft_s >= 0:
             old_t = self._ttft[i]
             self._ttft[i] = ttft_s if old_t is None else old_t + TTFT_ALPHA * (ttft_s - old_t)
+
+    def state(self) -> dict[str, list[float | None] | list[int] | int]:
+        """Everything learned, as plain JSON-able data (shared by replicas: cluster/)."""
+        return {"rate": list(self._rate), "ttft": list(self._ttft),
+                "count": list(self._count), "samples": self._samples}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Take over a state from `state()`; raises ValueError for one of another shape."""
+        rate, ttft, count = state["rate"], state["ttft"], state["count"]
+        if not len(rate) == len(ttft) == len(count) == len(BUCKETS):
+            raise ValueError("a curve with other buckets")
+        self._rate = [None if v is None else float(v) for v in rate]
+        self._ttft = [None if v is None else float(v) for v in ttft]
+        self._count = [int(c) for c in count]
+        self._samples = int(state["samples"])
 
     def throughput_points(self) -> tuple[tuple[int, float], ...]:
         """(concurrency, aggregate tok/s) for every bucket seen, by concurrency."""

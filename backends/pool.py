@@ -55,6 +55,9 @@ class Pool:
     def __getitem__(self, name: str) -> BackendState:
         return self._states[name]
 
+    def get(self, name: str) -> BackendState | None:
+        return self._states.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._states
 
@@ -100,12 +103,17 @@ class Pool:
         """The backend's in-flight count integrated over time, up to now."""
         return self._states[name].advance_area(perf_counter())
 
-    def release(self, name: str, result: RequestResult) -> None:
+    def release(self, name: str, result: RequestResult | None) -> None:
+        """A request ends: its slot is free and what it taught is learned. None: a slot
+        reserved and given back unused (nothing was sent), which teaches nothing."""
         state = self._states[name]
         state.advance_area(perf_counter())
         state.in_flight -= 1
-        state.stats.record(result)
-        if result.fault:
+        if result is not None:
+            state.stats.record(result)
+        if result is None:
+            state.outlier.ended_neutral()
+        elif result.fault:
             self._failed(state, result.fault, f"{result.outcome} on a request")
         elif result.outcome in _ANSWERED:
             if state.outlier.succeeded():
@@ -114,6 +122,36 @@ class Pool:
             state.outlier.ended_neutral()
         if state.removing and state.in_flight == 0:
             self._drop(state)
+        self._changed()
+
+    def learn(self, name: str, result: RequestResult) -> None:
+        """What another replica's request taught about a backend (cluster/learning.py)."""
+        state = self._states.get(name)
+        if state is not None:
+            state.stats.learn(result)
+            self._changed(notify=False)
+
+    def invalidate(self) -> None:
+        """Estimates changed outside a request (taken over from another replica)."""
+        self._changed(notify=False)
+
+    def set_remote(self, name: str, count: int) -> None:
+        """The other replicas' requests in flight on `name` (cluster/replica.py)."""
+        state = self._states.get(name)
+        if state is None or state.remote_in_flight == count:
+            return
+        state.advance_area(perf_counter())
+        freed = count < state.remote_in_flight
+        state.remote_in_flight = count
+        self._changed(notify=freed)
+
+    def set_share(self, name: str, share: int | None) -> None:
+        """This replica's part of `name`'s capacity while replicas cannot coordinate
+        (None: the whole capacity, counted across replicas)."""
+        state = self._states.get(name)
+        if state is None or state.share == share:
+            return
+        state.share = share
         self._changed()
 
     def probed(self, name: str, passed: bool, detail: str = "") -> None:

@@ -36,7 +36,11 @@ class BackendState:
     tls: ssl.SSLContext | None = None  # https backends: see backends/tls.py
     health: Health = Health.UNKNOWN
     health_detail: str = ""
-    in_flight: int = 0
+    in_flight: int = 0  # this process's requests (slots reserved here)
+    # several replicas (cluster/): the other replicas' requests here, as last seen in Redis,
+    # and this replica's share of the capacity while Redis cannot be reached (None: none)
+    remote_in_flight: int = 0
+    share: int | None = None
     draining: bool = False  # no new requests (admin drain, or on the way out)
     removing: bool = False  # leaves the pool when its last request ends
     outlier: Outlier = field(default_factory=Outlier)  # ejection after failures in a row
@@ -47,10 +51,15 @@ class BackendState:
     load_area_at: float = field(default_factory=perf_counter)
 
     def advance_area(self, now: float) -> float:
-        """Bring the in-flight integral up to `now` and return it."""
-        self.load_area += self.in_flight * (now - self.load_area_at)
+        """Bring the in-flight integral (over all replicas) up to `now` and return it."""
+        self.load_area += self.total_in_flight * (now - self.load_area_at)
         self.load_area_at = now
         return self.load_area
+
+    @property
+    def total_in_flight(self) -> int:
+        """In flight from every replica: what the backend itself is serving."""
+        return self.in_flight + self.remote_in_flight
 
     @property
     def failing(self) -> bool:
@@ -66,6 +75,14 @@ class BackendState:
     def capacity(self) -> int | None:
         """A configured cap wins; otherwise what the engine published, if anything."""
         return self.config.max_concurrency or self.discovered.capacity
+
+    @property
+    def admission_capacity(self) -> int | None:
+        """The capacity this replica may fill: all of it, or its share while partitioned."""
+        capacity = self.capacity
+        if capacity is None or self.share is None:
+            return capacity
+        return min(capacity, self.share)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -86,8 +103,8 @@ class BackendState:
             health=self.health,
             draining=self.draining,
             ejected=self.outlier.blocked,
-            capacity=self.capacity,
-            in_flight=self.in_flight,
+            capacity=self.admission_capacity,
+            in_flight=self.total_in_flight,
             models=frozenset(self.models),
             ttft_s=self.stats.ttft_s.value,
             decode_tok_s=self.stats.decode_tok_s.value,

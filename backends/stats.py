@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from backends.curve import CurveLearner
 from backends.outlier import Fault
@@ -66,10 +67,16 @@ class BackendStats:
         self.failed = 0
 
     def record(self, result: RequestResult) -> None:
+        """A request of this replica ended: count it and learn from it."""
         if result.outcome == "ok":
             self.completed += 1
         elif result.outcome in ("upstream_error", "timeout"):
             self.failed += 1
+        self.learn(result)
+
+    def learn(self, result: RequestResult) -> None:
+        """Fold what a finished request says about the backend's speed into the estimates
+        (this replica's requests, and other replicas' through cluster/learning.py)."""
         if result.ttft_s is not None:
             self.ttft_s.add(result.ttft_s)
         rate = None
@@ -89,6 +96,24 @@ class BackendStats:
             self.tokens_per_byte.add(result.prompt_tokens / result.body_bytes)
         if result.concurrency is not None and result.outcome == "ok":
             self.curve.observe(result.concurrency, rate, result.ttft_s)
+
+    _EWMAS = ("ttft_s", "decode_tok_s", "output_tokens", "tokens_per_byte",
+              "prefill_chars_per_s", "uncached_chars")
+
+    def state(self) -> dict[str, Any]:
+        """What was learned (not the counters), as plain JSON-able data (cluster/)."""
+        return {"ewma": {name: getattr(self, name).value for name in self._EWMAS},
+                "curve": self.curve.state()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Take over what another replica learned; raises ValueError, KeyError or
+        TypeError for a state of another shape (nothing is changed then)."""
+        values = {name: state["ewma"][name] for name in self._EWMAS}
+        curve = CurveLearner()
+        curve.load(state["curve"])
+        for name, value in values.items():
+            getattr(self, name).value = None if value is None else float(value)
+        self.curve = curve
 
     def _whole_rate(self, duration_s: float, output_tokens: int) -> float:
         """A non-streamed reply shows no first token: its decode time is the duration less

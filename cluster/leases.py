@@ -5,10 +5,11 @@ set (`{prefix}:leases:{backend}`), each a lease id scored by its expiry in milli
 Redis's own clock (`TIME`: replicas' clocks never matter). Acquiring is one Lua script,
 run atomically by Redis: drop the expired members, and add one only while fewer than the
 limit remain. So the sum over replicas never exceeds the limit, whatever the replicas
-do at the same moment. Releasing removes the member and publishes the backend's new count
-on `{prefix}:released`, so a replica with requests waiting for that backend can try
-again at once instead of polling. A replica renews its own leases every `ttl / 3`; one
-that dies (SIGKILL, a lost host) stops renewing and its leases expire within `ttl`.
+do at the same moment. Acquiring and releasing publish the backend's new count on
+`{prefix}:in_flight`: every replica's view of the backend's load follows, and a replica
+with requests waiting for that backend can try again at once instead of polling. A
+replica renews its own leases every `ttl / 3`; one that dies (SIGKILL, a lost host) stops
+renewing and its leases expire within `ttl`.
 
 Replicas also keep a heartbeat (`{prefix}:replicas`, ids scored by expiry), so each knows
 how many are alive and its own rank among them: `partition` turns that into this
@@ -25,16 +26,21 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cluster.channels import subscribe_forever
+
 log = logging.getLogger("sluiceway.cluster")
 
-# KEYS[1] the backend's lease set, ARGV: lease id, limit, ttl in ms.
-# Returns {1 if granted else 0, the set's size after}.
+# KEYS[1] the backend's lease set, KEYS[2] the channel, KEYS[3] (optional) a session key;
+# ARGV: lease id, limit, ttl in ms, the backend's name, (with KEYS[3]) the session's value
+# and its ttl in s. Returns {1 if granted else 0, the set's size after}. A grant is
+# published with the new count (every replica's view of the backend's load follows) and
+# records where the session went, in the same atomic step.
 _ACQUIRE = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -43,6 +49,10 @@ local held = redis.call('ZCARD', KEYS[1])
 if held < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[3]), ARGV[1])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+  redis.call('PUBLISH', KEYS[2], ARGV[4] .. ' ' .. (held + 1))
+  if KEYS[3] then
+    redis.call('SET', KEYS[3], ARGV[5], 'EX', tonumber(ARGV[6]))
+  end
   return {1, held + 1}
 end
 return {0, held}
@@ -59,26 +69,30 @@ end
 return held
 """
 
-# KEYS: lease sets; ARGV[1] ttl in ms, ARGV[2] replica id, then per key: count, ids...
-# Pushes the expiry of the leases still held (XX: never resurrects an expired one) and
-# of this replica's heartbeat (the last key is the replicas set).
+# KEYS: lease sets, then the replicas set; ARGV[1] ttl in ms, ARGV[2] replica id, then per
+# lease set: count, ids... Pushes the expiry of the leases held here (and puts back any
+# that expired meanwhile, say while Redis was down: a lease id stands for a request that
+# is really in flight) and of this replica's heartbeat. Returns {live replicas, the
+# unexpired count of every lease set}.
 _RENEW = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local at = 3
+local counts = {}
 for i = 1, #KEYS - 1 do
   local n = tonumber(ARGV[at])
   for j = 1, n do
-    redis.call('ZADD', KEYS[i], 'XX', ms + ttl, ARGV[at + j])
+    redis.call('ZADD', KEYS[i], ms + ttl, ARGV[at + j])
   end
   if n > 0 then redis.call('PEXPIRE', KEYS[i], ttl * 2) end
+  counts[i] = redis.call('ZCOUNT', KEYS[i], '(' .. ms, '+inf')
   at = at + n + 1
 end
 local replicas = KEYS[#KEYS]
 redis.call('ZREMRANGEBYSCORE', replicas, '-inf', ms)
 redis.call('ZADD', replicas, ms + ttl, ARGV[2])
-return redis.call('ZRANGE', replicas, 0, -1)
+return {redis.call('ZRANGE', replicas, 0, -1), counts}
 """
 
 Listener = Callable[[str, int], None]
@@ -124,7 +138,7 @@ class LeaseStore:
 
     @property
     def channel(self) -> str:
-        return f"{self._prefix}:released"
+        return f"{self._prefix}:in_flight"
 
     def _key(self, backend: str) -> str:
         return f"{self._prefix}:leases:{backend}"
@@ -134,23 +148,47 @@ class LeaseStore:
         entry = self._held.get(backend)
         return len(entry.ids) if entry else 0
 
-    async def acquire(self, backend: str, limit: int) -> tuple[Lease | None, int]:
+    async def acquire(self, backend: str, limit: int,
+                      session: tuple[str, str, float] | None = None
+                      ) -> tuple[Lease | None, int]:
         """A lease on one of `backend`'s `limit` slots, or None when all are taken; and the
-        backend's global in-flight count after. Raises RedisError when Redis fails."""
-        lease_id = f"{self.replica_id}:{next(self._serial)}"
-        granted, count = await self._acquire(
-            keys=[self._key(backend)], args=[lease_id, limit, self._ttl_ms])
+        backend's global in-flight count after. With `session` = (key, value, ttl_s),
+        a grant also sets that key. Raises RedisError (or OSError) when Redis fails."""
+        lease_id = self._new_id()
+        keys = [self._key(backend), self.channel]
+        args: list[str | int] = [lease_id, limit, self._ttl_ms, backend]
+        if session is not None:
+            key, value, ttl_s = session
+            keys.append(key)
+            args += [value, max(1, int(ttl_s))]
+        granted, count = await self._acquire(keys=keys, args=args)
         if not granted:
             return None, int(count)
+        return self._hold(backend, lease_id), int(count)
+
+    def adopt(self, backend: str) -> Lease:
+        """A lease held here without asking Redis: while Redis cannot be reached, for a
+        request admitted within this replica's share. The next renewal that reaches Redis
+        writes it there, so the other replicas count it once Redis is back."""
+        return self._hold(backend, self._new_id())
+
+    def _new_id(self) -> str:
+        return f"{self.replica_id}:{next(self._serial)}"
+
+    def _hold(self, backend: str, lease_id: str) -> Lease:
         self._held.setdefault(backend, _Held()).ids.add(lease_id)
-        return Lease(backend, lease_id), int(count)
+        return Lease(backend, lease_id)
+
+    def forget(self, lease: Lease) -> None:
+        """Stop holding (and renewing) a lease without telling Redis: it expires there."""
+        entry = self._held.get(lease.backend)
+        if entry is not None:
+            entry.ids.discard(lease.lease_id)
 
     async def release(self, lease: Lease) -> int:
         """Give the slot back (and wake the replicas waiting for it); the backend's global
         count after. The lease is forgotten here even when Redis fails: it then expires."""
-        entry = self._held.get(lease.backend)
-        if entry is not None:
-            entry.ids.discard(lease.lease_id)
+        self.forget(lease)
         count = await self._release(keys=[self._key(lease.backend), self.channel],
                                     args=[lease.backend, lease.lease_id])
         return int(count)
@@ -164,17 +202,21 @@ class LeaseStore:
                                     args=[backend, *ids])
         await self._redis.zrem(f"{self._prefix}:replicas", self.replica_id)
 
-    async def renew(self) -> list[str]:
-        """Push back the expiry of every lease held here, and this replica's heartbeat;
-        return the live replicas' ids."""
+    async def renew(self, backends: Iterable[str] = ()) -> dict[str, int]:
+        """Push back the expiry of every lease held here, and this replica's heartbeat
+        (`replicas` is then the live replicas' ids); return the global in-flight count of
+        every backend held here or named in `backends`."""
+        names = list(dict.fromkeys([*self._held, *backends]))
         keys, args = [], [str(self._ttl_ms), self.replica_id]
-        for backend, entry in self._held.items():
+        for backend in names:
+            entry = self._held.get(backend)
+            ids = sorted(entry.ids) if entry else []
             keys.append(self._key(backend))
-            args += [str(len(entry.ids)), *sorted(entry.ids)]
+            args += [str(len(ids)), *ids]
         keys.append(f"{self._prefix}:replicas")
-        live = await self._renew(keys=keys, args=args)
+        live, counts = await self._renew(keys=keys, args=args)
         self.replicas = sorted(x.decode() if isinstance(x, bytes) else str(x) for x in live)
-        return self.replicas
+        return {name: int(n) for name, n in zip(names, counts, strict=True)}
 
     async def count(self, backend: str) -> int:
         """The backend's global in-flight count (expired leases not counted)."""
@@ -192,23 +234,14 @@ class LeaseStore:
             await asyncio.sleep(self._ttl_ms / 3000)
 
     async def listen(self, listener: Listener) -> None:
-        """Call `listener(backend, count)` for every release any replica publishes, until
-        cancelled. Reconnects after a failure (a restarted Redis) with a short pause."""
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    data = message["data"]
-                    text = data.decode() if isinstance(data, bytes) else str(data)
-                    backend, _, count = text.rpartition(" ")
-                    with contextlib.suppress(ValueError):
-                        listener(backend, int(count))
-            except (RedisError, OSError) as exc:
-                log.warning("cluster: lost the release channel (%s); resubscribing", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        """Call `listener(backend, count)` for every count any replica publishes, until
+        cancelled (resubscribing after a failure)."""
+        await subscribe_forever(self._redis, {self.channel: lambda data: self.parse(
+            data, listener)})
+
+    @staticmethod
+    def parse(data: bytes, listener: Listener) -> None:
+        """Hand one published `backend count` to `listener`; ignore anything else."""
+        backend, _, count = data.decode(errors="replace").rpartition(" ")
+        with contextlib.suppress(ValueError):
+            listener(backend, int(count))

@@ -64,36 +64,34 @@ cache). The slack stands for what one request's cost cannot see: the turns to co
 find their prefix cached only where the session stays. That keeps llama.cpp's per-slot
 prompt cache and vLLM's prefix cache warm for agent sessions, the more so the longer the
 conversation.
-The session table keeps the most recent MAX_SESSIONS keys.
+The session table (policies/sessions.py) keeps the most recent MAX_SESSIONS keys; several
+replicas share it through Redis.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from backends.snapshot import BackendSnapshot, PoolSnapshot
 from policies import model
 from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
+from policies.sessions import Sessions
 
 AFFINITY_SLACK = 3.0  # 2 with the first-order cost; this one charges a busy backend more
-MAX_SESSIONS = 65536
 
 
 class Adaptive:
     name = "adaptive"
 
     def __init__(self, config: PolicyConfig) -> None:
-        self._affinity = config.affinity
         # affinity key -> (backend, body size of the session's last request there)
-        self._sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self.sessions: Sessions | None = Sessions() if config.affinity else None
 
     def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:
         found = eligible(request, snapshot)
         if not isinstance(found, tuple):
             return found
-        key = request.affinity_key if self._affinity else None
-        previous, previous_chars = (self._sessions.get(key, (None, 0)) if key is not None
-                                    else (None, 0))
+        seen = (self.sessions.get(request.affinity_key)
+                if self.sessions is not None and request.affinity_key is not None else None)
+        previous, previous_chars = seen if seen is not None else (None, 0)
         returning = previous is not None and any(b.name == previous for b in found)
         idle_unmeasured = [b for b in found if not b.throughput_curve and not b.in_flight]
         if idle_unmeasured and not returning:  # measure every backend before judging it,
@@ -123,15 +121,9 @@ class Adaptive:
 
     def _route(self, request: RouteRequest, backend: BackendSnapshot | str) -> Route:
         name = backend if isinstance(backend, str) else backend.name
-        if self._affinity and request.affinity_key is not None:
-            self._remember(request.affinity_key, name, request.prompt_chars)
+        if self.sessions is not None and request.affinity_key is not None:
+            self.sessions.put(request.affinity_key, name, request.prompt_chars)
         return Route(name)
-
-    def _remember(self, key: str, backend: str, chars: int) -> None:
-        self._sessions[key] = (backend, chars)
-        self._sessions.move_to_end(key)
-        if len(self._sessions) > MAX_SESSIONS:
-            self._sessions.popitem(last=False)
 
 
 def affinity_bound(best_cost: float, best: BackendSnapshot, request: RouteRequest) -> float:

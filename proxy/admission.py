@@ -7,6 +7,13 @@ without breaking first-come-first-served for the backends the waiters need.
 
 The choice and the in-flight increment happen in one synchronous step on the event loop,
 so two requests can never both take a backend's last slot.
+
+With several replicas (cluster/replica.py), the slot taken here is then backed by a lease
+in Redis; when the other replicas took the backend's last slots meanwhile, the slot goes
+back and the request waits again, at the head of this replica's queue (FIFO per replica;
+across replicas, whichever replica's wake-up reaches Redis first gets the freed slot).
+A session's last backend is read from the shared table before the choice and written
+with the lease, so a conversation keeps its backend whichever replica it reaches.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from dataclasses import dataclass, field
 
 from backends.pool import Pool
 from backends.stats import RequestResult
+from cluster.replica import Cluster
 from policies import NoBackend, Policy, Route, RouteRequest
+from policies.sessions import KeepsSessions, Sessions
 from proxy.errors import no_capacity
 
 RETRY_AFTER_S = 2  # what a refused client is told; well under the SDKs' 60-120 s ceilings
@@ -33,11 +42,13 @@ class _Waiter:
 
 
 class Admission:
-    def __init__(self, pool: Pool, policy: Policy, queue_size: int, timeout_s: float) -> None:
+    def __init__(self, pool: Pool, policy: Policy, queue_size: int, timeout_s: float,
+                 cluster: Cluster | None = None) -> None:
         self._pool = pool
         self._policy = policy
         self._queue_size = queue_size
         self._timeout_s = timeout_s
+        self._cluster = cluster
         self._waiters: deque[_Waiter] = deque()
         pool.subscribe(self._dispatch)
 
@@ -56,18 +67,74 @@ class Admission:
 
     async def admit(self, request: RouteRequest) -> str:
         """Return the name of a backend whose slot is now held for this request."""
-        decision = self._policy.choose(request, self._pool.snapshot())
-        if isinstance(decision, Route):
-            self._pool.acquire(decision.backend)
-            return decision.backend
-        if isinstance(decision, NoBackend):
-            raise no_capacity(decision.reason, RETRY_AFTER_S)
-        if len(self._waiters) >= self._queue_size:
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        cluster, table = self._cluster, self._sessions()
+        if cluster is None:
+            return await self._reserve(request, deadline)
+        key = request.affinity_key if table is not None else None
+        if key is not None and table is not None:
+            shared = await cluster.recall(key)
+            if shared is not None:
+                table.put(key, *shared)
+        ahead = False
+        while True:
+            name = await self._reserve(request, deadline, ahead)
+            session = None if key is None else (key, name, request.prompt_chars)
+            try:
+                granted = await cluster.take(name, session)
+            except BaseException:
+                self._pool.release(name, None)
+                raise
+            if granted:
+                return name
+            self._pool.release(name, None)  # full across the replicas: wait for a release
+            ahead = True
+
+    async def hold(self, name: str) -> bool:
+        """Take a slot on `name` itself, outside the policy (calibration); False when it
+        is full."""
+        state = self._pool[name]
+        capacity = state.admission_capacity
+        if capacity is not None and state.total_in_flight >= capacity:
+            return False
+        self._pool.acquire(name)
+        if self._cluster is None or await self._cluster.take(name):
+            return True
+        self._pool.release(name, None)
+        return False
+
+    def release(self, name: str, result: RequestResult) -> None:
+        """The request on `name` ended: its slot (and lease) back, what it taught learned
+        (here and, through the cluster, by every replica)."""
+        self._pool.release(name, result)
+        if self._cluster is not None:
+            self._cluster.give(name)
+            self._cluster.observe(name, result)
+
+    def _sessions(self) -> Sessions | None:
+        policy = self._policy
+        return policy.sessions if isinstance(policy, KeepsSessions) else None
+
+    async def _reserve(self, request: RouteRequest, deadline: float, ahead: bool = False
+                       ) -> str:
+        """A local slot: now, or after waiting in the queue (at its head with `ahead`)."""
+        if not ahead:
+            decision = self._policy.choose(request, self._pool.snapshot())
+            if isinstance(decision, Route):
+                self._pool.acquire(decision.backend)
+                return decision.backend
+            if isinstance(decision, NoBackend):
+                raise no_capacity(decision.reason, RETRY_AFTER_S)
+        if len(self._waiters) >= self._queue_size and not ahead:
             raise no_capacity("the admission queue is full", RETRY_AFTER_S)
         waiter = _Waiter(request)
-        self._waiters.append(waiter)
+        if ahead:
+            self._waiters.appendleft(waiter)
+            self._dispatch()  # the backend may have room again already
+        else:
+            self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):
                 return await waiter.future
         except TimeoutError:
             self._forget(waiter)
@@ -82,7 +149,7 @@ class Admission:
         """Drop a waiter that gave up; hand back a slot granted to it meanwhile."""
         if waiter.future.done() and not waiter.future.cancelled():
             if waiter.future.exception() is None:
-                self._pool.release(waiter.future.result(), RequestResult("client_closed"))
+                self._pool.release(waiter.future.result(), None)
             return
         waiter.future.cancel()
         with contextlib.suppress(ValueError):

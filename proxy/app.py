@@ -159,7 +159,7 @@ class App:
         if path == "/health":
             status, body = 200, b'{"status":"ok"}'
         elif path == "/ready":
-            status, body = routes.ready(gw.pool)
+            status, body = routes.ready(gw.pool, gw.cluster)
         elif path == "/metrics":
             reply.respond(200, gw.metrics.render(), ((b"content-type", _METRICS_TYPE), id_header))
             return

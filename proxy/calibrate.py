@@ -37,6 +37,7 @@ from backends.pool import Pool
 from backends.snapshot import Health
 from backends.state import BackendState
 from backends.stats import RequestResult
+from proxy.admission import Admission
 from proxy.attempt import Attempt
 from proxy.errors import ProxyError
 from proxy.sse import StreamObserver
@@ -65,8 +66,9 @@ def probe_body(model: str, kind: EngineKind, tokens: int, nonce: str) -> bytes:
 
 
 class Calibrator:
-    def __init__(self, pool: Pool, upstream: Upstream, tokens: int) -> None:
+    def __init__(self, pool: Pool, slots: Admission, upstream: Upstream, tokens: int) -> None:
         self._pool = pool
+        self._slots = slots
         self._upstream = upstream
         self.tokens = tokens  # a reload may change it; 0 turns calibration off
         self._nonce = secrets.token_hex(6)
@@ -95,8 +97,9 @@ class Calibrator:
         headers = {"content-type": "application/json"}
         if state.upstream_key:
             headers["authorization"] = f"Bearer {state.upstream_key}"
+        if not await self._slots.hold(name):
+            return  # full (other replicas' traffic): it is measured by that traffic
         attempt = Attempt(name, self._pool.load_area(name), len(body))
-        self._pool.acquire(name)
         observer = StreamObserver(strip_usage=False)
         problem = ""
 
@@ -127,7 +130,7 @@ class Calibrator:
             # a failed probe teaches nothing (nor counts for ejection); the next round
             # tries again
             result = attempt.result() if answered else RequestResult("unmeasured")
-            self._pool.release(name, result)
+            self._slots.release(name, result)
         if not answered:
             log.warning("calibrating backend %s failed: %s", name,
                         problem or "the stream ended early")

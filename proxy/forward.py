@@ -100,7 +100,7 @@ class Forwarder:
         if attempt.ended_at is None:
             attempt.end(attempt.outcome)
         attempt.settle(self._pool.load_area(attempt.backend))
-        self._pool.release(attempt.backend, attempt.result())
+        self._admission.release(attempt.backend, attempt.result())
         m, name = self._metrics, attempt.backend
         m.requests.labels(name, request.endpoint.name, attempt.outcome).inc()
         m.duration.labels(name).observe(attempt.duration_s)

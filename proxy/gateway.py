@@ -16,6 +16,7 @@ from backends.config import BackendConfig
 from backends.monitor import Monitor
 from backends.pool import Pool
 from backends.state import BackendState
+from cluster.replica import Cluster
 from policies import POLICIES, Policy, PolicyConfig
 from proxy.admission import Admission
 from proxy.aliases import Aliases
@@ -36,10 +37,13 @@ class Gateway:
         self.aliases = Aliases(settings.models.aliases)
         routing = settings.routing
         self.policy = _policy(routing)
+        # several replicas share capacity, learning and sessions through Redis
+        self.cluster = Cluster(settings.cluster, self.pool) if settings.cluster.enabled \
+            else None
         self.admission = Admission(
-            self.pool, self.policy, routing.queue_size, routing.queue_timeout_s
+            self.pool, self.policy, routing.queue_size, routing.queue_timeout_s, self.cluster
         )
-        self.metrics = Metrics(self.pool, lambda: self.admission.depth)
+        self.metrics = Metrics(self.pool, lambda: self.admission.depth, self.cluster)
         self._data = make_client(settings.timeouts, self.pool)
         self._control = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=settings.health.timeout_s)
@@ -53,7 +57,8 @@ class Gateway:
         self.monitor = Monitor(self.pool, self._control, health.interval_s, health.timeout_s,
                                health.failing_interval_s)
         self.pool.on_eject(self._abandon_waiting)
-        self.calibrator = Calibrator(self.pool, upstream, routing.calibrate_tokens)
+        self.calibrator = Calibrator(self.pool, self.admission, upstream,
+                                     routing.calibrate_tokens)
         self._tasks: list[asyncio.Task[None]] = []
         self._reconfiguring = asyncio.Lock()  # one change to the backend set at a time
 
@@ -61,7 +66,9 @@ class Gateway:
     async def start(cls, settings: Settings) -> Gateway:
         gateway = cls(settings)
         await gateway.monitor.probe_all()  # know who is up before taking traffic
-        await gateway.calibrator.round()  # and how fast each one is
+        if gateway.cluster is not None:
+            await gateway.cluster.start()  # the other replicas' load, and what they learned
+        await gateway.calibrator.round()  # and how fast each one is (unless learned)
         gateway._tasks.append(asyncio.create_task(gateway.monitor.run(), name="monitor"))
         gateway._tasks.append(asyncio.create_task(gateway._calibrate_later(),
                                                   name="calibrate"))
@@ -189,6 +196,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.pool.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self._data.close()
         await self._control.close()
 

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from backends.outlier import Ejection
 from backends.pool import Pool
 from backends.snapshot import Health
+from cluster.replica import Cluster, Mode
 
 # Prefill of a long prompt on a busy llama.cpp can take minutes: buckets reach 300 s.
 _LATENCY_BUCKETS = (
@@ -55,7 +56,8 @@ class _Children(Generic[M]):
 
 
 class Metrics:
-    def __init__(self, pool: Pool, queue_depth: Callable[[], int]) -> None:
+    def __init__(self, pool: Pool, queue_depth: Callable[[], int],
+                 cluster: Cluster | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = _Children(Counter(
@@ -117,6 +119,8 @@ class Metrics:
         ))
         self._live = _LiveState(pool, queue_depth)
         r.register(self._live)
+        if cluster is not None:
+            r.register(_ClusterState(pool, cluster))
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ...
 
     def watch_server(self, connections: Callable[[], tuple[int, int]]) -> None:
@@ -128,8 +132,43 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _ClusterState(Collector):
+    """Several replicas (cluster/replica.py): how this one coordinates with the others."""
+
+    def __init__(self, pool: Pool, cluster: Cluster) -> None:
+        self._pool = pool
+        self._cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        cluster = self._cluster
+        total = GaugeMetricFamily(
+            "sluiceway_backend_in_flight_cluster", "Requests in flight on the backend from "
+            "every replica (this one's, and the others' as last seen in Redis).",
+            labels=["backend"])
+        share = GaugeMetricFamily(
+            "sluiceway_backend_share", "This replica's share of the backend's capacity "
+            "while it cannot coordinate through Redis; absent otherwise.", labels=["backend"])
+        for state in self._pool:
+            total.add_metric([state.name], state.total_in_flight)
+            if state.share is not None:
+                share.add_metric([state.name], state.share)
+        yield total
+        yield share
+        yield GaugeMetricFamily(
+            "sluiceway_cluster_partitioned", "1 while Redis is unreachable (or has just come "
+            "back) and each backend is limited to this replica's share of its capacity.",
+            value=0.0 if cluster.mode is Mode.SHARED else 1.0)
+        yield GaugeMetricFamily(
+            "sluiceway_cluster_replicas", "Live replicas, as last seen in Redis.",
+            value=len(cluster.replicas))
+        yield CounterMetricFamily(
+            "sluiceway_cluster_partitions", "Times this replica lost Redis and fell back to "
+            "its shares.", value=cluster.partitions_total)
+
+
 class _LiveState(Collector):
-    def __init__(self, pool: Pool, queue_depth: Callable[[], int]) -> None:
+    def __init__(self, pool: Pool, queue_depth: Callable[[], int],
+                 cluster: Cluster | None = None) -> None:
         self._pool = pool
         self._queue_depth = queue_depth
         self.connections: Callable[[], tuple[int, int]] | None = None

@@ -3,8 +3,9 @@
 `plan` is applied by `Gateway.apply`: backends added, removed (drained, then dropped when
 their last request ends) or changed (learned state kept unless the URL or kind changed),
 and the routing, health and timeout settings for requests from then on. The `[server]`
-and `[admin]` sections hold listening sockets and the data plane's keys: a change there
-needs a restart, and is reported rather than half-applied.
+and `[admin]` sections hold listening sockets and the data plane's keys, and `[cluster]`
+the Redis connection every replica agrees on: a change there needs a restart, and is
+reported rather than half-applied.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from backends.config import BackendConfig
 from proxy.settings import Settings
 
-RESTART_SECTIONS = ("server", "admin")
+RESTART_SECTIONS = ("server", "admin", "cluster")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from backends.outlier import Ejection, Outlier
 from backends.pool import Pool
 from backends.snapshot import Health
 from backends.state import BackendState
+from cluster.replica import Cluster
 from proxy.aliases import Aliases
 
 _STARTED = int(time.time())
@@ -45,16 +46,23 @@ def models(pool: Pool, aliases: Aliases, anthropic: bool = False) -> bytes:
     return orjson.dumps({"object": "list", "data": data})
 
 
-def ready(pool: Pool) -> tuple[int, bytes]:
+def ready(pool: Pool, cluster: Cluster | None = None) -> tuple[int, bytes]:
     """Ready while some backend is healthy, not drained (one that is drained finishes
-    what it has but takes nothing new) and not ejected for failing."""
+    what it has but takes nothing new) and not ejected for failing. With several replicas,
+    the detail says how this one coordinates (a replica that lost Redis still serves,
+    within its share: it stays ready)."""
     healthy = [s.name for s in pool if s.health is Health.HEALTHY and not s.draining
                and not s.outlier.blocked]
     draining = [s.name for s in pool if s.draining]
     ejected = [s.name for s in pool if s.outlier.state is not Ejection.ACTIVE]
     status = 200 if healthy else 503
-    return status, orjson.dumps({"ready": bool(healthy), "healthy_backends": healthy,
-                                 "draining_backends": draining, "ejected_backends": ejected})
+    body: dict[str, Any] = {"ready": bool(healthy), "healthy_backends": healthy,
+                            "draining_backends": draining, "ejected_backends": ejected}
+    if cluster is not None:
+        body["cluster"] = {"replica": cluster.replica_id, "mode": cluster.mode.value,
+                           "replicas": len(cluster.replicas), "detail": cluster.detail,
+                           "shares": {s.name: s.share for s in pool if s.share is not None}}
+    return status, orjson.dumps(body)
 
 
 def admin_backends(pool: Pool, policy: str, queue_depth: int) -> bytes:
@@ -90,6 +98,8 @@ def backend_view(s: BackendState) -> dict[str, Any]:
             "discovered" if s.discovered.capacity else None
         ),
         "in_flight": s.in_flight,
+        "in_flight_all_replicas": s.total_in_flight,
+        "share": s.share,
         "upstream_running": s.discovered.running,
         "upstream_waiting": s.discovered.waiting,
         "kv_cache_usage": s.discovered.kv_cache_usage,

@@ -125,6 +125,21 @@ class AdminSettings(_Section):
     api_keys: tuple[str, ...] = ()  # its own keys, apart from the data plane's
 
 
+class ClusterSettings(_Section):
+    """Several replicas sharing capacity, learning and sessions through Redis (cluster/);
+    off while `redis_url` is empty."""
+
+    redis_url: str = ""
+    replica_id: str = ""  # default: host:pid
+    lease_ttl_s: Annotated[float, Field(ge=0.5, le=300)] = 3
+    session_ttl_s: PositiveFloat = 3600  # a shared session entry outlives its last turn
+    prefix: Annotated[str, Field(min_length=1)] = "sluiceway"  # Redis key prefix
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SLUICEWAY_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -136,6 +151,7 @@ class Settings(BaseSettings):
     timeouts: TimeoutSettings = TimeoutSettings()
     models: ModelSettings = ModelSettings()
     admin: AdminSettings | None = None  # off unless configured
+    cluster: ClusterSettings = ClusterSettings()
     backends: Annotated[tuple[BackendConfig, ...], Field(min_length=1)]
 
     @field_validator("backends")

@@ -32,7 +32,9 @@ class BackendView(BaseModel):
     ejection: EjectionView
     capacity: int | None
     capacity_source: str | None
-    in_flight: int
+    in_flight: int  # this replica's requests
+    in_flight_all_replicas: int  # with the other replicas' (cluster/), as last seen
+    share: int | None  # this replica's part of the capacity while Redis is unreachable
     upstream_running: int | None
     upstream_waiting: int | None
     kv_cache_usage: float | None

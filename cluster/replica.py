@@ -1,0 +1,355 @@
+"""One replica among several: capacity, learning and sessions shared through Redis.
+
+The replica runs in one of three modes:
+
+- `shared` (Redis reachable): a request to a backend with a known capacity holds a lease
+  (cluster/leases.py) besides its local slot, so the replicas together never exceed the
+  capacity. Every acquire and release publishes the backend's global count; the pool
+  keeps the other replicas' part (`remote_in_flight`), so the policy sees, and learns its
+  curves against, what the backend is really serving. A release anywhere wakes this
+  replica's queue.
+- `partitioned` (Redis unreachable): each backend is limited to this replica's share of
+  its capacity (`partition`: the shares of the live replicas, as last seen, sum to the
+  capacity), never to the whole of it. The requests admitted meanwhile hold leases known
+  only here, and every renewal that reaches Redis again writes them there.
+- `recovering` (Redis back): the shares still hold for one lease TTL, the time every
+  replica needs to notice Redis is back and to write its requests there; then `shared`.
+  So replicas that notice at different moments never count against different rules.
+
+A lease is a counter, not a request's identity: `give` hands back leases until no more
+are held than requests in flight here (less those still waiting for theirs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Coroutine
+from enum import StrEnum
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from backends.pool import Pool
+from backends.state import BackendState
+from backends.stats import RequestResult
+from cluster import learning, sessions
+from cluster.channels import subscribe_forever
+from cluster.leases import Lease, LeaseStore, partition
+from proxy.settings import ClusterSettings
+
+log = logging.getLogger("sluiceway.cluster")
+
+PUBLISH_EVERY_S = 0.25  # observations go out in batches this often
+PERSIST_EVERY_S = 5.0  # and the learned state is stored this often
+MAX_BATCH = 4096  # observations kept while Redis cannot take them
+
+
+class Mode(StrEnum):
+    SHARED = "shared"
+    PARTITIONED = "partitioned"
+    RECOVERING = "recovering"
+
+
+Session = tuple[str, int]  # (backend, chars of the session's last request)
+
+
+class Cluster:
+    def __init__(self, settings: ClusterSettings, pool: Pool) -> None:
+        self.settings = settings
+        self.replica_id = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._redis = Redis.from_url(settings.redis_url, socket_timeout=1.0,
+                                     socket_connect_timeout=1.0)
+        self._store = LeaseStore(self._redis, self.replica_id, settings.lease_ttl_s,
+                                 settings.prefix)
+        self._pool = pool
+        self.mode = Mode.SHARED
+        self.detail = ""
+        self.partitions_total = 0  # times this replica fell back to its shares
+        self._since = 0.0  # when recovery began
+        self._leases: dict[str, list[Lease]] = {}
+        self._pending: dict[str, int] = {}  # requests waiting for Redis's answer
+        self._batch: list[tuple[str, RequestResult]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def interval_s(self) -> float:
+        return min(0.5, self.settings.lease_ttl_s / 3)
+
+    @property
+    def replicas(self) -> list[str]:
+        """The live replicas as last seen (this one included)."""
+        return sorted(set(self._store.replicas) | {self.replica_id})
+
+    @property
+    def learned_channel(self) -> str:
+        return f"{self.settings.prefix}:learned"
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join: heartbeat, counts and the stored learning (warm start), then the loops."""
+        try:
+            await self._restore()
+            self._reachable(await self._store.renew(self._capped()))
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+        handlers = {self._store.channel: self._on_count,
+                    self.learned_channel: self._on_learned}
+        self._tasks += [
+            asyncio.create_task(self._refresh_forever(), name="cluster-refresh"),
+            asyncio.create_task(subscribe_forever(self._redis, handlers),
+                                name="cluster-listen"),
+            asyncio.create_task(self._share_forever(), name="cluster-share"),
+        ]
+        log.info("cluster: replica %s on %s (%s, %d live replicas)", self.replica_id,
+                 _safe_url(self.settings.redis_url), self.mode, len(self.replicas))
+
+    async def close(self) -> None:
+        """Stop the loops and hand back every lease and the heartbeat at once (SIGTERM:
+        the drain has ended every request; the others need not wait for a TTL)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._background:
+            await asyncio.wait(self._background, timeout=1.0)
+        try:
+            async with asyncio.timeout(2.0):
+                await self._flush()
+                await self._store.release_all()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("cluster: could not hand back the leases (%s): they expire in %g s",
+                        exc, self.settings.lease_ttl_s)
+        await self._redis.aclose()
+
+    # --- capacity ------------------------------------------------------------------------
+
+    async def take(self, name: str, session: tuple[str, str, int] | None = None) -> bool:
+        """A lease for a request that holds a local slot on `name`; False when the backend
+        is full across the replicas (the slot must go back, and the request wait).
+        `session` = (affinity key, backend, chars) is recorded with the grant."""
+        state = self._pool[name]
+        limit = state.capacity
+        stored = None if session is None else (
+            sessions.session_key(self.settings.prefix, session[0]),
+            sessions.encode(session[1], session[2]), self.settings.session_ttl_s)
+        if limit is None:  # no capacity known: nothing to count, only the session
+            if stored is not None and self.mode is Mode.SHARED:
+                self._spawn(self._set_session(*stored))
+            return True
+        if self.mode is not Mode.SHARED:
+            return self._take_locally(state)
+        self._pending[name] = self._pending.get(name, 0) + 1
+        try:
+            lease, count = await self._acquire(name, limit, stored)
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+            return self._take_locally(state)
+        finally:
+            self._pending[name] -= 1
+        if lease is None:
+            self._view(name, count)
+            return False
+        self._leases.setdefault(name, []).append(lease)
+        self._view(name, count)
+        return True
+
+    def give(self, name: str) -> None:
+        """A request on `name` ended (its local slot is free): hand back the lease(s) no
+        longer covering a request."""
+        leases = self._leases.get(name)
+        if not leases:
+            return
+        state = self._pool.get(name)
+        covered = (state.in_flight if state is not None else 0) - self._pending.get(name, 0)
+        while len(leases) > max(0, covered):
+            lease = leases.pop()
+            if self.mode is Mode.SHARED:
+                self._spawn(self._release(lease))
+            else:
+                self._store.forget(lease)  # it expires in Redis, or was never written there
+
+    def _take_locally(self, state: BackendState) -> bool:
+        share = state.admission_capacity
+        if share is not None and state.in_flight > share:
+            return False
+        self._leases.setdefault(state.name, []).append(self._store.adopt(state.name))
+        return True
+
+    async def _acquire(self, name: str, limit: int, session: tuple[str, str, float] | None
+                       ) -> tuple[Lease | None, int]:
+        """The Redis call, shielded: a request cancelled meanwhile (the client left) must
+        not leave a granted lease behind."""
+        task = asyncio.ensure_future(self._store.acquire(name, limit, session))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._drop_orphan)
+            raise
+
+    def _drop_orphan(self, task: asyncio.Future[tuple[Lease | None, int]]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            lease = task.result()[0]
+            if lease is not None:
+                self._spawn(self._release(lease))
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            self._view(lease.backend, await self._store.release(lease))
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+
+    def _view(self, name: str, count: int) -> None:
+        """A global count from Redis: the other replicas' part is what this one does not
+        hold."""
+        if self.mode is Mode.SHARED and name in self._pool:
+            self._pool.set_remote(name, max(0, count - self._store.held(name)))
+
+    def _on_count(self, data: bytes) -> None:
+        LeaseStore.parse(data, self._view)
+
+    def _capped(self) -> list[str]:
+        return [s.name for s in self._pool if s.capacity is not None]
+
+    # --- modes ---------------------------------------------------------------------------
+
+    async def _refresh_forever(self) -> None:
+        """Renew leases and heartbeat, and re-read every count, every `interval_s`: what
+        corrects a view that missed a message, and how this replica notices Redis come
+        and go."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                self._reachable(await self._store.renew(self._capped()))
+            except (RedisError, OSError) as exc:
+                self._unreachable(exc)
+
+    def _reachable(self, counts: dict[str, int]) -> None:
+        now = asyncio.get_running_loop().time()
+        if self.mode is Mode.PARTITIONED:
+            self.mode, self._since = Mode.RECOVERING, now
+            log.warning("cluster: Redis is back; shared leases again in %g s",
+                        self.settings.lease_ttl_s)
+        elif self.mode is Mode.RECOVERING and now - self._since >= self.settings.lease_ttl_s:
+            self.mode, self.detail = Mode.SHARED, ""
+            log.warning("cluster: shared leases again (%d live replicas)", len(self.replicas))
+        if self.mode is Mode.SHARED:
+            for name, count in counts.items():
+                self._view(name, count)
+            for state in list(self._pool):
+                self._pool.set_share(state.name, None)
+        else:
+            self._set_shares()
+
+    def _unreachable(self, exc: BaseException) -> None:
+        if self.mode is Mode.PARTITIONED:
+            self._set_shares()  # capacities may have been discovered meanwhile
+            return
+        self.mode = Mode.PARTITIONED
+        self.partitions_total += 1
+        self.detail = f"Redis unreachable: {exc or type(exc).__name__}"
+        self._set_shares()
+        for state in list(self._pool):
+            self._pool.set_remote(state.name, 0)
+        log.warning("cluster: %s; each backend limited to this replica's share of its "
+                    "capacity (%d live replicas as last seen)", self.detail,
+                    len(self.replicas))
+
+    def _set_shares(self) -> None:
+        live = self.replicas
+        for state in list(self._pool):
+            capacity = state.capacity
+            share = None if capacity is None else partition(capacity, live, self.replica_id)
+            self._pool.set_share(state.name, share)
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def recall(self, affinity_key: str) -> Session | None:
+        """Where the session went last, as any replica recorded it (None: not known, or
+        Redis unreachable: then the local table decides)."""
+        if self.mode is not Mode.SHARED:
+            return None
+        try:
+            raw = await self._redis.get(sessions.session_key(self.settings.prefix,
+                                                              affinity_key))
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+            return None
+        return sessions.decode(raw)
+
+    async def _set_session(self, key: str, value: str, ttl_s: float) -> None:
+        try:
+            await self._redis.set(key, value, ex=max(1, int(ttl_s)))
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+
+    # --- learning ------------------------------------------------------------------------
+
+    def observe(self, name: str, result: RequestResult) -> None:
+        """What one of this replica's requests taught: the others learn it too."""
+        if learning.teaches(result) and len(self._batch) < MAX_BATCH:
+            self._batch.append((name, result))
+
+    def _on_learned(self, data: bytes) -> None:
+        for name, result in learning.decode_batch(data, self.replica_id):
+            self._pool.learn(name, result)
+
+    async def _share_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        persisted = loop.time()
+        while True:
+            await asyncio.sleep(PUBLISH_EVERY_S)
+            if self.mode is not Mode.SHARED:
+                continue
+            try:
+                await self._flush()
+                if loop.time() - persisted >= PERSIST_EVERY_S:
+                    persisted = loop.time()
+                    await self._persist()
+            except (RedisError, OSError) as exc:
+                self._unreachable(exc)
+
+    async def _flush(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            await self._redis.publish(self.learned_channel,
+                                      learning.encode_batch(self.replica_id, batch))
+
+    async def _persist(self) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for state in list(self._pool):
+                if state.stats.curve.samples:
+                    pipe.set(learning.stats_key(self.settings.prefix, state.name),
+                             learning.encode_state(state), ex=learning.STATE_TTL_S)
+            await pipe.execute()
+
+    async def _restore(self) -> None:
+        """Start warm: what the replicas learned about each backend, where this replica
+        has not measured it itself."""
+        states = [s for s in self._pool if not s.stats.curve.samples]
+        if not states:
+            return
+        stored = await self._redis.mget([learning.stats_key(self.settings.prefix, s.name)
+                                         for s in states])
+        loaded = [s.name for s, data in zip(states, stored, strict=True)
+                  if data is not None and learning.load_state(s, data)]
+        if loaded:
+            self._pool.invalidate()
+            log.info("cluster: started warm: learned state of %s", ", ".join(loaded))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password, for the logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest

@@ -252,12 +252,18 @@ class Cluster:
         self.mode = Mode.PARTITIONED
         self.partitions_total += 1
         self.detail = f"Redis unreachable: {exc or type(exc).__name__}"
+        # the pool's other connections died with this one (a restarted Redis): drop them
+        # now, or each would fail once more after Redis is back
+        self._spawn(self._reconnect())
         self._set_shares()
         for state in list(self._pool):
             self._pool.set_remote(state.name, 0)
         log.warning("cluster: %s; each backend limited to this replica's share of its "
                     "capacity (%d live replicas as last seen)", self.detail,
                     len(self.replicas))
+
+    async def _reconnect(self) -> None:
+        await self._redis.connection_pool.disconnect()
 
     def _set_shares(self) -> None:
         live = self.replicas

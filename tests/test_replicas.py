@@ -1,0 +1,243 @@
+"""Several sluiceway replicas over one Redis (cluster/): one capacity, one session table,
+one learning. Everything here is real: a redis-server on a free loopback port, sluiceway
+processes, test upstreams that record their own peak concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Launcher, backend
+from tests.processes import Server
+from tests.redis_server import RedisServer
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
+        "stream": True}
+TTL_S = 2.0
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def replicas(launch: Launcher, redis: RedisServer | None, backends: list[dict[str, Any]],
+             n: int, **sections: dict[str, Any]) -> list[Server]:
+    """`n` sluiceway replicas of one configuration (Redis-less with `redis` None)."""
+    started = []
+    for i in range(n):
+        cluster = {} if redis is None else {"cluster": {
+            "redis_url": redis.url, "replica_id": f"r{i}", "lease_ttl_s": TTL_S}}
+        started.append(launch.proxy(backends, **sections, **cluster))
+    return started
+
+
+def chat(url: str, headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
+    response = httpx.post(url + "/v1/chat/completions", json={**BODY, **extra},
+                          headers=headers, timeout=60)
+    response.read()
+    return response
+
+
+def spread(proxies: list[Server], clients: int, turns: int) -> list[int]:
+    """`clients` closed-loop clients, client i on replica i mod n: every status."""
+    def client(i: int) -> list[int]:
+        url = proxies[i % len(proxies)].url
+        return [chat(url).status_code for _ in range(turns)]
+
+    with ThreadPoolExecutor(clients) as workers:
+        return [s for statuses in workers.map(client, range(clients)) for s in statuses]
+
+
+def test_three_replicas_share_one_capacity(launch: Launcher, redis_server: RedisServer
+                                           ) -> None:
+    """40 clients over 3 replicas, one backend of capacity 4: the backend never serves
+    more than 4 at once (its own count), every request is answered. The same load on
+    replicas without Redis is the control: each fills the backend on its own."""
+    up = launch.upstream("a", token_delay_ms=15)
+    pool = [backend("a", up, models=["m"], max_concurrency=4)]
+    shared = replicas(launch, redis_server, pool, 3)
+    statuses = spread(shared, clients=40, turns=3)
+    stats = up.get("/_stats")
+    assert statuses == [200] * 120
+    assert stats["max_active"] == 4  # full, and never over
+    for proxy in shared:
+        proxy.stop()
+    up.post("/_control", {"reset": True})
+    alone = replicas(launch, None, pool, 3)
+    assert spread(alone, clients=40, turns=1) == [200] * 40
+    assert up.get("/_stats")["max_active"] > 4  # what the leases prevent
+
+
+def test_a_killed_replicas_slots_come_back_within_the_ttl(launch: Launcher,
+                                                          redis_server: RedisServer) -> None:
+    """A replica holding all 4 slots is SIGKILLed: another replica's request, queued
+    behind those leases, is served once they expire (within TTL + 1 s), not before."""
+    up = launch.upstream("a", token_delay_ms=50)
+    a, b = replicas(launch, redis_server, [backend("a", up, models=["m"],
+                                                     max_concurrency=4)], 2)
+    with ThreadPoolExecutor(5) as workers:
+        for _ in range(4):  # 4 long streams on replica a: ~25 s each
+            workers.submit(chat, a.url, max_tokens=500)
+        deadline = time.monotonic() + 10
+        while up.get("/_stats")["active"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert up.get("/_stats")["active"] == 4
+        queued = workers.submit(chat, b.url)
+        time.sleep(0.5)
+        assert not queued.done()  # b waits: the backend is full across the replicas
+        a.kill()
+        killed = time.monotonic()
+        reply = queued.result(timeout=TTL_S + 5)
+        waited = time.monotonic() - killed
+    assert reply.status_code == 200
+    assert TTL_S - 0.7 < waited < TTL_S + 1.0
+
+
+def _ready(proxy: Server) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(proxy.url + "/ready", timeout=5).json()
+    return body
+
+
+def _wait_cluster(proxy: Server, key: str, value: Any, timeout_s: float) -> float:
+    """Seconds until `/ready`'s cluster detail has `key` == `value` (polled every 0.1 s)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if _ready(proxy)["cluster"][key] == value:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise AssertionError(f"{proxy.url}: {key} not {value} within {timeout_s} s: "
+                         f"{_ready(proxy)}")
+
+
+def _wait_mode(proxy: Server, mode: str, timeout_s: float) -> float:
+    return _wait_cluster(proxy, "mode", mode, timeout_s)
+
+
+def test_redis_lost_the_shares_hold_capacity_and_redis_back_restores_leases(
+        launch: Launcher, tmp_path: Path) -> None:
+    """Redis killed under load: each of 2 replicas keeps to its share (2 of 4), traffic
+    continues, `/ready` and the metrics say so. Redis restarted: shared leases again
+    without restarting sluiceway (one replica may then use all 4 slots)."""
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        up = launch.upstream("a", token_delay_ms=15)
+        a, b = replicas(launch, redis, [backend("a", up, models=["m"], max_concurrency=4)],
+                        2)
+        assert _ready(a)["cluster"]["mode"] == "shared"
+        _wait_cluster(a, "replicas", 2, 3)  # b's heartbeat seen (a renews every 0.5 s)
+        with ThreadPoolExecutor(1) as background:
+            load = background.submit(spread, [a, b], 16, 12)
+            time.sleep(0.5)
+            redis.stop()
+            _wait_mode(a, "partitioned", 5)
+            _wait_mode(b, "partitioned", 5)
+            statuses = load.result(timeout=120)
+        assert statuses == [200] * 16 * 12
+        assert up.get("/_stats")["max_active"] <= 4
+        cluster = _ready(a)["cluster"]
+        assert cluster["shares"] == {"a": 2} and "Redis unreachable" in cluster["detail"]
+        metrics = httpx.get(a.url + "/metrics", timeout=5).text
+        assert "sluiceway_cluster_partitioned 1.0" in metrics
+        assert 'sluiceway_backend_share{backend="a"} 2.0' in metrics
+        up.post("/_control", {"reset": True})
+        assert spread([a], 8, 3) == [200] * 24  # alone on it, a still keeps to its 2
+        assert up.get("/_stats")["max_active"] == 2
+
+        redis.start()  # the same port, empty
+        back = _wait_mode(a, "shared", TTL_S + 5)
+        _wait_mode(b, "shared", TTL_S + 5)
+        assert back >= TTL_S - 1  # recovery waits a TTL for every replica to write its own
+        up.post("/_control", {"reset": True})
+        assert spread([a], 8, 3) == [200] * 24
+        assert up.get("/_stats")["max_active"] == 4  # the whole capacity, by leases again
+        assert spread([a, b], 16, 2) == [200] * 32
+        assert up.get("/_stats")["max_active"] == 4
+        assert "sluiceway_cluster_partitioned 0.0" in httpx.get(a.url + "/metrics").text
+    finally:
+        redis.stop()
+
+
+def test_a_session_keeps_its_backend_whichever_replica_it_reaches(
+        launch: Launcher, redis_server: RedisServer) -> None:
+    """Sessions start together on replica 0 (so they spread over both backends), then
+    their later turns go round the other replicas, one at a time on an idle pool: each
+    returns to the backend of its first turn."""
+    ups = [launch.upstream(name, token_delay_ms=20) for name in ("a", "b")]
+    pool = [backend(u_name, up, models=["m"], max_concurrency=4)
+            for u_name, up in zip(("a", "b"), ups, strict=True)]
+    proxies = replicas(launch, redis_server, pool, 3)
+    sessions = [f"s{i}" for i in range(8)]
+
+    def first(session: str) -> str:
+        return chat(proxies[0].url, {"x-session-id": session}).headers[
+            "x-sluiceway-backend"]
+
+    with ThreadPoolExecutor(len(sessions)) as workers:
+        homes = dict(zip(sessions, workers.map(first, sessions), strict=True))
+    assert set(homes.values()) == {"a", "b"}  # both backends hold sessions
+    for turn in range(4):
+        for session in sessions:
+            proxy = proxies[1 + (turn % 2)]
+            reply = chat(proxy.url, {"x-session-id": session})
+            assert reply.status_code == 200
+            assert reply.headers["x-sluiceway-backend"] == homes[session], (session, turn)
+
+
+def test_a_late_replica_starts_warm_and_every_replica_learns_from_all(
+        launch: Launcher, redis_server: RedisServer) -> None:
+    """Replica 0 serves traffic; a replica started later has the learned curves before
+    its first request (and does not calibrate: the backend sees no probe from it); what
+    replica 1 then serves is learned by replica 0 too."""
+    up = launch.upstream("a", token_delay_ms=10)
+    pool = [backend("a", up, models=["m"], max_concurrency=8)]
+    routing = {"routing": {"calibrate_tokens": 16}}
+    (first,) = replicas(launch, redis_server, pool, 1, **routing)
+    assert spread([first], 4, 5) == [200] * 20
+    time.sleep(5.5)  # persisted every 5 s
+    served = up.get("/_stats")["requests"]
+    late = launch.proxy(pool, **routing, cluster={
+        "redis_url": redis_server.url, "replica_id": "late", "lease_ttl_s": TTL_S})
+    view = httpx.get(late.url + "/admin/backends").json()["backends"][0]
+    learned = httpx.get(first.url + "/admin/backends").json()["backends"][0]
+    assert view["throughput_curve"] and view["completed"] == 0
+    assert view["throughput_curve"] == learned["throughput_curve"]
+    assert up.get("/_stats")["requests"] == served  # no calibration probe
+    assert spread([late], 8, 4) == [200] * 32  # a concurrency replica 0 never saw alone
+    time.sleep(1.0)
+    after = httpx.get(first.url + "/admin/backends").json()["backends"][0]
+    assert after["completed"] == learned["completed"]  # it served none of them
+    assert after["throughput_curve"] != learned["throughput_curve"]  # yet it learned
+
+
+def test_sigterm_hands_back_leases_and_heartbeat_at_once(launch: Launcher,
+                                                         redis_server: RedisServer) -> None:
+    """A replica stopped with SIGTERM leaves nothing in Redis: no lease, no heartbeat (the
+    other replicas' shares grow at once, not after a TTL)."""
+    up = launch.upstream("a", token_delay_ms=5)
+    a, b = replicas(launch, redis_server, [backend("a", up, models=["m"],
+                                                     max_concurrency=4)], 2)
+    assert spread([a], 4, 2) == [200] * 8
+    _wait_cluster(b, "replicas", 2, 3)
+    a.stop()
+
+    async def leftovers() -> tuple[int, list[bytes]]:
+        from redis.asyncio import Redis
+        client = Redis.from_url(redis_server.url)
+        try:
+            return (await client.zcard("sluiceway:leases:a"),
+                    await client.zrange("sluiceway:replicas", 0, -1))
+        finally:
+            await client.aclose()
+
+    leases, live = asyncio.run(leftovers())
+    assert leases == 0 and live == [b"r1"]

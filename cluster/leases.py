@@ -37,13 +37,17 @@ from cluster.channels import subscribe_forever
 log = logging.getLogger("sluiceway.cluster")
 
 # KEYS[1] the backend's lease set, KEYS[2] the channel, KEYS[3] (optional) a session key;
-# ARGV: lease id, limit, ttl in ms, the backend's name, (with KEYS[3]) the session's value
-# and its ttl in s. Returns {1 if granted else 0, the set's size after}. A grant is
-# published with the new count (every replica's view of the backend's load follows) and
-# records where the session went, in the same atomic step.
+# ARGV: lease id, limit, ttl in ms, the backend's name, (with KEYS[3]) the session's new
+# value and its ttl in s. Returns {1 if granted else 0, the set's size after, the
+# session's value before (absent when none)}. A grant is published with the new count
+# (every replica's view of the backend's load follows) and records where the session
+# went, in the same atomic step; reading the session's previous value in that step
+# spares the request a round trip of its own to look it up.
 _ACQUIRE = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local before = false
+if KEYS[3] then before = redis.call('GET', KEYS[3]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
 local held = redis.call('ZCARD', KEYS[1])
 if held < tonumber(ARGV[2]) then
@@ -53,9 +57,9 @@ if held < tonumber(ARGV[2]) then
   if KEYS[3] then
     redis.call('SET', KEYS[3], ARGV[5], 'EX', tonumber(ARGV[6]))
   end
-  return {1, held + 1}
+  return {1, held + 1, before}
 end
-return {0, held}
+return {0, held, before}
 """
 
 # KEYS[1] the lease set, KEYS[2] the channel; ARGV[1] the backend's name, ARGV[2..] ids.
@@ -70,10 +74,10 @@ return held
 """
 
 # KEYS: lease sets, then the replicas set; ARGV[1] ttl in ms, ARGV[2] replica id, then per
-# lease set: count, ids... Pushes the expiry of the leases held here (and puts back any
-# that expired meanwhile, say while Redis was down: a lease id stands for a request that
-# is really in flight) and of this replica's heartbeat. Returns {live replicas, the
-# unexpired count of every lease set}.
+# lease set: a count and the ids to renew (only while they exist: a lease released
+# meanwhile must not come back), then a count and the ids to write (leases taken while
+# Redis was unreachable, or lost with it: requests really in flight). Pushes their expiry
+# and this replica's heartbeat. Returns {live replicas, the unexpired count of every set}.
 _RENEW = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -81,13 +85,21 @@ local ttl = tonumber(ARGV[1])
 local at = 3
 local counts = {}
 for i = 1, #KEYS - 1 do
-  local n = tonumber(ARGV[at])
-  for j = 1, n do
-    redis.call('ZADD', KEYS[i], ms + ttl, ARGV[at + j])
+  local written = 0
+  for pass = 1, 2 do
+    local n = tonumber(ARGV[at])
+    for j = 1, n do
+      if pass == 1 then
+        redis.call('ZADD', KEYS[i], 'XX', ms + ttl, ARGV[at + j])
+      else
+        redis.call('ZADD', KEYS[i], ms + ttl, ARGV[at + j])
+      end
+    end
+    written = written + n
+    at = at + n + 1
   end
-  if n > 0 then redis.call('PEXPIRE', KEYS[i], ttl * 2) end
+  if written > 0 then redis.call('PEXPIRE', KEYS[i], ttl * 2) end
   counts[i] = redis.call('ZCOUNT', KEYS[i], '(' .. ms, '+inf')
-  at = at + n + 1
 end
 local replicas = KEYS[#KEYS]
 redis.call('ZREMRANGEBYSCORE', replicas, '-inf', ms)
@@ -107,14 +119,18 @@ class Lease:
 @dataclass(slots=True)
 class _Held:
     ids: set[str] = field(default_factory=set)
+    unwritten: set[str] = field(default_factory=set)  # not (or no longer) in Redis
 
 
-def partition(capacity: int, replicas: list[str], me: str) -> int:
+def partition(capacity: int, replicas: list[str], me: str, at_least: int = 1) -> int:
     """This replica's share of `capacity` when the replicas cannot coordinate: an even
     split by rank in the sorted replica ids, the remainder to the first ones, so the
     shares sum to exactly `capacity` (a replica may get 0 where there are more replicas
-    than slots). With no list known, all of it is assumed to be this replica's alone."""
+    than slots). With fewer replicas known than `at_least` (one that started while Redis
+    was down knows only itself), ranks are unknown: floor(capacity / at_least) each."""
     live = sorted(set(replicas) | {me})
+    if len(live) < at_least:
+        return capacity // at_least
     rank = live.index(me)
     base, extra = divmod(capacity, len(live))
     return base + (1 if rank < extra else 0)
@@ -148,12 +164,18 @@ class LeaseStore:
         entry = self._held.get(backend)
         return len(entry.ids) if entry else 0
 
-    async def acquire(self, backend: str, limit: int,
-                      session: tuple[str, str, float] | None = None
-                      ) -> tuple[Lease | None, int]:
+    async def acquire(self, backend: str, limit: int) -> tuple[Lease | None, int]:
         """A lease on one of `backend`'s `limit` slots, or None when all are taken; and the
-        backend's global in-flight count after. With `session` = (key, value, ttl_s),
-        a grant also sets that key. Raises RedisError (or OSError) when Redis fails."""
+        backend's global in-flight count after. Raises RedisError (or OSError) when Redis
+        fails."""
+        lease, count, _ = await self.acquire_for(backend, limit)
+        return lease, count
+
+    async def acquire_for(self, backend: str, limit: int,
+                          session: tuple[str, str, float] | None = None
+                          ) -> tuple[Lease | None, int, bytes | None]:
+        """`acquire`, for a request of a session: with `session` = (key, value, ttl_s) a
+        grant also sets that key, and the key's value before comes back (None: unset)."""
         lease_id = self._new_id()
         keys = [self._key(backend), self.channel]
         args: list[str | int] = [lease_id, limit, self._ttl_ms, backend]
@@ -161,16 +183,25 @@ class LeaseStore:
             key, value, ttl_s = session
             keys.append(key)
             args += [value, max(1, int(ttl_s))]
-        granted, count = await self._acquire(keys=keys, args=args)
+        granted, count, *rest = await self._acquire(keys=keys, args=args)
+        before = rest[0] if rest and isinstance(rest[0], bytes) else None
         if not granted:
-            return None, int(count)
-        return self._hold(backend, lease_id), int(count)
+            return None, int(count), before
+        return self._hold(backend, lease_id), int(count), before
 
     def adopt(self, backend: str) -> Lease:
         """A lease held here without asking Redis: while Redis cannot be reached, for a
         request admitted within this replica's share. The next renewal that reaches Redis
         writes it there, so the other replicas count it once Redis is back."""
-        return self._hold(backend, self._new_id())
+        lease = self._hold(backend, self._new_id())
+        self._held[backend].unwritten.add(lease.lease_id)
+        return lease
+
+    def rewrite(self) -> None:
+        """Redis is back after an outage: it may have lost (or expired) the leases held
+        here; the next renewal writes them all again."""
+        for entry in self._held.values():
+            entry.unwritten |= entry.ids
 
     def _new_id(self) -> str:
         return f"{self.replica_id}:{next(self._serial)}"
@@ -184,6 +215,7 @@ class LeaseStore:
         entry = self._held.get(lease.backend)
         if entry is not None:
             entry.ids.discard(lease.lease_id)
+            entry.unwritten.discard(lease.lease_id)
 
     async def release(self, lease: Lease) -> int:
         """Give the slot back (and wake the replicas waiting for it); the backend's global
@@ -196,25 +228,30 @@ class LeaseStore:
     async def release_all(self) -> None:
         """Every lease this replica holds, at once (shutdown)."""
         for backend, entry in list(self._held.items()):
-            ids, entry.ids = list(entry.ids), set()
+            ids, entry.ids, entry.unwritten = list(entry.ids), set(), set()
             if ids:
                 await self._release(keys=[self._key(backend), self.channel],
                                     args=[backend, *ids])
         await self._redis.zrem(f"{self._prefix}:replicas", self.replica_id)
 
     async def renew(self, backends: Iterable[str] = ()) -> dict[str, int]:
-        """Push back the expiry of every lease held here, and this replica's heartbeat
-        (`replicas` is then the live replicas' ids); return the global in-flight count of
-        every backend held here or named in `backends`."""
+        """Push back the expiry of every lease held here (writing those Redis lacks), and
+        this replica's heartbeat (`replicas` is then the live replicas' ids); return the
+        global in-flight count of every backend held here or named in `backends`."""
         names = list(dict.fromkeys([*self._held, *backends]))
         keys, args = [], [str(self._ttl_ms), self.replica_id]
+        writing: list[tuple[_Held, list[str]]] = []
         for backend in names:
-            entry = self._held.get(backend)
-            ids = sorted(entry.ids) if entry else []
+            entry = self._held.get(backend) or _Held()
+            fresh = sorted(entry.unwritten & entry.ids)
+            known = sorted(entry.ids - entry.unwritten)
             keys.append(self._key(backend))
-            args += [str(len(ids)), *ids]
+            args += [str(len(known)), *known, str(len(fresh)), *fresh]
+            writing.append((entry, fresh))
         keys.append(f"{self._prefix}:replicas")
         live, counts = await self._renew(keys=keys, args=args)
+        for entry, fresh in writing:
+            entry.unwritten.difference_update(fresh)
         self.replicas = sorted(x.decode() if isinstance(x, bytes) else str(x) for x in live)
         return {name: int(n) for name, n in zip(names, counts, strict=True)}
 

@@ -16,8 +16,8 @@ The replica runs in one of three modes:
   replica needs to notice Redis is back and to write its requests there; then `shared`.
   So replicas that notice at different moments never count against different rules.
 
-A lease is a counter, not a request's identity: `give` hands back leases until no more
-are held than requests in flight here (less those still waiting for theirs).
+Each admitted request holds its own lease (None for a backend without a known capacity)
+and hands back exactly that one when it ends.
 """
 
 from __future__ import annotations
@@ -70,8 +70,6 @@ class Cluster:
         self.detail = ""
         self.partitions_total = 0  # times this replica fell back to its shares
         self._since = 0.0  # when recovery began
-        self._leases: dict[str, list[Lease]] = {}
-        self._pending: dict[str, int] = {}  # requests waiting for Redis's answer
         self._batch: list[tuple[str, RequestResult]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -128,70 +126,60 @@ class Cluster:
 
     # --- capacity ------------------------------------------------------------------------
 
-    async def take(self, name: str, session: tuple[str, str, int] | None = None) -> bool:
-        """A lease for a request that holds a local slot on `name`; False when the backend
-        is full across the replicas (the slot must go back, and the request wait).
-        `session` = (affinity key, backend, chars) is recorded with the grant."""
+    async def take(self, name: str, session: tuple[str, str, int] | None = None
+                   ) -> tuple[bool, Lease | None, Session | None]:
+        """A lease for a request that holds a local slot on `name`: (False, None, ...) when
+        the backend is full across the replicas (the slot must go back, and the request
+        wait); (True, None, ...) for a backend without a known capacity. `session` =
+        (affinity key, backend, chars) is recorded with the grant; what the shared table
+        held for that key before comes back (None: nothing known)."""
         state = self._pool[name]
         limit = state.capacity
         stored = None if session is None else (
             sessions.session_key(self.settings.prefix, session[0]),
             sessions.encode(session[1], session[2]), self.settings.session_ttl_s)
-        if limit is None:  # no capacity known: nothing to count, only the session
-            if stored is not None and self.mode is Mode.SHARED:
-                self._spawn(self._set_session(*stored))
-            return True
         if self.mode is not Mode.SHARED:
-            return self._take_locally(state)
-        self._pending[name] = self._pending.get(name, 0) + 1
+            return *self._take_locally(state), None
+        if limit is None:  # no capacity known: nothing to count, only the session
+            return True, None, await self._swap_session(stored) if stored else None
         try:
-            lease, count = await self._acquire(name, limit, stored)
+            lease, count, before = await self._acquire(name, limit, stored)
         except (RedisError, OSError) as exc:
             self._unreachable(exc)
-            return self._take_locally(state)
-        finally:
-            self._pending[name] -= 1
-        if lease is None:
-            self._view(name, count)
-            return False
-        self._leases.setdefault(name, []).append(lease)
+            return *self._take_locally(state), None
         self._view(name, count)
-        return True
+        return lease is not None, lease, sessions.decode(before)
 
-    def give(self, name: str) -> None:
-        """A request on `name` ended (its local slot is free): hand back the lease(s) no
-        longer covering a request."""
-        leases = self._leases.get(name)
-        if not leases:
+    def give(self, lease: Lease | None) -> None:
+        """The request holding `lease` ended (its local slot is free already)."""
+        if lease is None:
             return
-        state = self._pool.get(name)
-        covered = (state.in_flight if state is not None else 0) - self._pending.get(name, 0)
-        while len(leases) > max(0, covered):
-            lease = leases.pop()
-            if self.mode is Mode.SHARED:
-                self._spawn(self._release(lease))
-            else:
-                self._store.forget(lease)  # it expires in Redis, or was never written there
+        if self.mode is Mode.SHARED:
+            self._spawn(self._release(lease))
+        else:
+            self._store.forget(lease)  # it expires in Redis, or was never written there
 
-    def _take_locally(self, state: BackendState) -> bool:
+    def _take_locally(self, state: BackendState) -> tuple[bool, Lease | None]:
+        if state.capacity is None:
+            return True, None
         share = state.admission_capacity
         if share is not None and state.in_flight > share:
-            return False
-        self._leases.setdefault(state.name, []).append(self._store.adopt(state.name))
-        return True
+            return False, None
+        return True, self._store.adopt(state.name)
 
     async def _acquire(self, name: str, limit: int, session: tuple[str, str, float] | None
-                       ) -> tuple[Lease | None, int]:
+                       ) -> tuple[Lease | None, int, bytes | None]:
         """The Redis call, shielded: a request cancelled meanwhile (the client left) must
         not leave a granted lease behind."""
-        task = asyncio.ensure_future(self._store.acquire(name, limit, session))
+        task = asyncio.ensure_future(self._store.acquire_for(name, limit, session))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(self._drop_orphan)
             raise
 
-    def _drop_orphan(self, task: asyncio.Future[tuple[Lease | None, int]]) -> None:
+    def _drop_orphan(self, task: asyncio.Future[tuple[Lease | None, int, bytes | None]]
+                     ) -> None:
         if not task.cancelled() and task.exception() is None:
             lease = task.result()[0]
             if lease is not None:
@@ -232,6 +220,7 @@ class Cluster:
         now = asyncio.get_running_loop().time()
         if self.mode is Mode.PARTITIONED:
             self.mode, self._since = Mode.RECOVERING, now
+            self._store.rewrite()  # what Redis lost with its outage, written at once
             log.warning("cluster: Redis is back; shared leases again in %g s",
                         self.settings.lease_ttl_s)
         elif self.mode is Mode.RECOVERING and now - self._since >= self.settings.lease_ttl_s:
@@ -269,29 +258,21 @@ class Cluster:
         live = self.replicas
         for state in list(self._pool):
             capacity = state.capacity
-            share = None if capacity is None else partition(capacity, live, self.replica_id)
+            share = None if capacity is None else partition(
+                capacity, live, self.replica_id, self.settings.min_replicas)
             self._pool.set_share(state.name, share)
 
     # --- sessions ------------------------------------------------------------------------
 
-    async def recall(self, affinity_key: str) -> Session | None:
-        """Where the session went last, as any replica recorded it (None: not known, or
-        Redis unreachable: then the local table decides)."""
-        if self.mode is not Mode.SHARED:
-            return None
+    async def _swap_session(self, stored: tuple[str, str, float]) -> Session | None:
+        """Record where a session went (a backend without leases); what was there before."""
+        key, value, ttl_s = stored
         try:
-            raw = await self._redis.get(sessions.session_key(self.settings.prefix,
-                                                              affinity_key))
+            before = await self._redis.set(key, value, ex=max(1, int(ttl_s)), get=True)
         except (RedisError, OSError) as exc:
             self._unreachable(exc)
             return None
-        return sessions.decode(raw)
-
-    async def _set_session(self, key: str, value: str, ttl_s: float) -> None:
-        try:
-            await self._redis.set(key, value, ex=max(1, int(ttl_s)))
-        except (RedisError, OSError) as exc:
-            self._unreachable(exc)
+        return sessions.decode(before if isinstance(before, bytes | str) else None)
 
     # --- learning ------------------------------------------------------------------------
 

@@ -100,6 +100,7 @@ class Engine:
         self.speed = speed
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.peak = 0
         self._on_admit = on_admit or (lambda seq: None)
         self._on_finish = on_finish or (lambda seq: None)
         self._wake = asyncio.Event()
@@ -119,6 +120,8 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        # the most requests it held at once (running or waiting): what a client sent it
+        self.peak = max(self.peak, len(self.waiting) + len(self.running))
         self._wake.set()
 
     def cancel(self, seq: Sequence) -> None:

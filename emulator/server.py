@@ -169,6 +169,14 @@ class EmulatedServer(ABC):
             body += message.get("body", b"")
             more = message.get("more_body", False)
         path, method = scope["path"], scope["method"]
+        if path == "/_emulator/load":  # its own peak concurrency (benchmarks, tests)
+            engine = self.engine
+            load = {"in_flight": len(engine.waiting) + len(engine.running),
+                    "peak": engine.peak}
+            if method == "POST":
+                engine.peak = load["in_flight"]  # reset
+            await respond(send, 200, orjson.dumps(load), b"application/json")
+            return
         if method == "GET":
             status, payload, ctype = await self.get(path, scope.get("query_string", b"").decode())
             await respond(send, status, payload, ctype)

@@ -12,8 +12,10 @@ With several replicas (cluster/replica.py), the slot taken here is then backed b
 in Redis; when the other replicas took the backend's last slots meanwhile, the slot goes
 back and the request waits again, at the head of this replica's queue (FIFO per replica;
 across replicas, whichever replica's wake-up reaches Redis first gets the freed slot).
-A session's last backend is read from the shared table before the choice and written
-with the lease, so a conversation keeps its backend whichever replica it reaches.
+A session's backend is written with the lease, and the same atomic step returns where the
+session went before: when that is news to this replica (another one moved it), the slot
+goes back and the request is routed once more, knowing it. So a conversation keeps its
+backend whichever replica it reaches, at no extra round trip while it stays put.
 """
 
 from __future__ import annotations
@@ -25,12 +27,22 @@ from dataclasses import dataclass, field
 
 from backends.pool import Pool
 from backends.stats import RequestResult
+from cluster.leases import Lease
 from cluster.replica import Cluster
 from policies import NoBackend, Policy, Route, RouteRequest
 from policies.sessions import KeepsSessions, Sessions
 from proxy.errors import no_capacity
 
 RETRY_AFTER_S = 2  # what a refused client is told; well under the SDKs' 60-120 s ceilings
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A request's place on a backend: its local slot and, with several replicas, its
+    lease (None: one process, or a backend without a known capacity)."""
+
+    backend: str
+    lease: Lease | None = None
 
 
 @dataclass(slots=True)
@@ -49,12 +61,14 @@ class Admission:
         self._queue_size = queue_size
         self._timeout_s = timeout_s
         self._cluster = cluster
+        self._sessions = _sessions(policy)
         self._waiters: deque[_Waiter] = deque()
         pool.subscribe(self._dispatch)
 
     def configure(self, policy: Policy, queue_size: int, timeout_s: float) -> None:
         """Settings for decisions from now on (a reload); waiters keep their deadlines."""
         self._policy, self._queue_size, self._timeout_s = policy, queue_size, timeout_s
+        self._sessions = _sessions(policy)
         self._dispatch()
 
     @property
@@ -65,55 +79,59 @@ class Admission:
     def policy_name(self) -> str:
         return self._policy.name
 
-    async def admit(self, request: RouteRequest) -> str:
-        """Return the name of a backend whose slot is now held for this request."""
+    async def admit(self, request: RouteRequest) -> Slot:
+        """A slot now held for this request on the backend the policy chose."""
         deadline = asyncio.get_running_loop().time() + self._timeout_s
-        cluster, table = self._cluster, self._sessions()
+        cluster, table = self._cluster, self._sessions
         if cluster is None:
-            return await self._reserve(request, deadline)
+            return Slot(await self._reserve(request, deadline))
         key = request.affinity_key if table is not None else None
-        if key is not None and table is not None:
-            shared = await cluster.recall(key)
-            if shared is not None:
-                table.put(key, *shared)
-        ahead = False
+        ahead = asked = False
         while True:
+            known = table.get(key) if table is not None and key is not None else None
             name = await self._reserve(request, deadline, ahead)
-            session = None if key is None else (key, name, request.prompt_chars)
             try:
-                granted = await cluster.take(name, session)
+                granted, lease, shared = await cluster.take(
+                    name, None if key is None else (key, name, request.prompt_chars))
             except BaseException:
                 self._pool.release(name, None)
                 raise
-            if granted:
-                return name
-            self._pool.release(name, None)  # full across the replicas: wait for a release
-            ahead = True
+            # chosen without knowing where the session went last (another replica sent it
+            # elsewhere): choose once more, knowing it
+            uninformed = (shared is not None and shared[0] != name and not asked
+                          and (known is None or known[0] != shared[0]))
+            if granted and not uninformed:
+                return Slot(name, lease)
+            if uninformed and table is not None and key is not None and shared is not None:
+                table.put(key, *shared)
+                asked = True
+            self._pool.release(name, None)
+            cluster.give(lease)  # the lease taken for the uninformed choice, if any
+            ahead = not granted  # full across the replicas: wait for a release, at the head
 
-    async def hold(self, name: str) -> bool:
-        """Take a slot on `name` itself, outside the policy (calibration); False when it
+    async def hold(self, name: str) -> Slot | None:
+        """Take a slot on `name` itself, outside the policy (calibration); None when it
         is full."""
         state = self._pool[name]
         capacity = state.admission_capacity
         if capacity is not None and state.total_in_flight >= capacity:
-            return False
+            return None
         self._pool.acquire(name)
-        if self._cluster is None or await self._cluster.take(name):
-            return True
+        if self._cluster is None:
+            return Slot(name)
+        granted, lease, _ = await self._cluster.take(name)
+        if granted:
+            return Slot(name, lease)
         self._pool.release(name, None)
-        return False
+        return None
 
-    def release(self, name: str, result: RequestResult) -> None:
-        """The request on `name` ended: its slot (and lease) back, what it taught learned
-        (here and, through the cluster, by every replica)."""
-        self._pool.release(name, result)
+    def release(self, slot: Slot, result: RequestResult) -> None:
+        """The request ended: its slot (and lease) back, what it taught learned (here and,
+        through the cluster, by every replica)."""
+        self._pool.release(slot.backend, result)
         if self._cluster is not None:
-            self._cluster.give(name)
-            self._cluster.observe(name, result)
-
-    def _sessions(self) -> Sessions | None:
-        policy = self._policy
-        return policy.sessions if isinstance(policy, KeepsSessions) else None
+            self._cluster.give(slot.lease)
+            self._cluster.observe(slot.backend, result)
 
     async def _reserve(self, request: RouteRequest, deadline: float, ahead: bool = False
                        ) -> str:
@@ -180,3 +198,8 @@ class Admission:
                 blocked.add(key)
                 still_waiting.append(waiter)
         self._waiters = still_waiting
+
+
+def _sessions(policy: Policy) -> Sessions | None:
+    """The policy's session table, shared through the cluster (None: it keeps none)."""
+    return policy.sessions if isinstance(policy, KeepsSessions) else None

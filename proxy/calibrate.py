@@ -97,7 +97,8 @@ class Calibrator:
         headers = {"content-type": "application/json"}
         if state.upstream_key:
             headers["authorization"] = f"Bearer {state.upstream_key}"
-        if not await self._slots.hold(name):
+        slot = await self._slots.hold(name)
+        if slot is None:
             return  # full (other replicas' traffic): it is measured by that traffic
         attempt = Attempt(name, self._pool.load_area(name), len(body))
         observer = StreamObserver(strip_usage=False)
@@ -130,7 +131,7 @@ class Calibrator:
             # a failed probe teaches nothing (nor counts for ejection); the next round
             # tries again
             result = attempt.result() if answered else RequestResult("unmeasured")
-            self._slots.release(name, result)
+            self._slots.release(slot, result)
         if not answered:
             log.warning("calibrating backend %s failed: %s", name,
                         problem or "the stream ended early")

@@ -18,7 +18,7 @@ from typing import Any
 from backends.outlier import Fault
 from backends.pool import Pool
 from backends.snapshot import Health
-from proxy.admission import Admission
+from proxy.admission import Admission, Slot
 from proxy.attempt import Attempt
 from proxy.clamp import fitted_max_tokens
 from proxy.errors import ProxyError
@@ -67,11 +67,12 @@ class Forwarder:
                 route = replace(route, exclude=frozenset(a.backend for a in attempts))
             queued_at = perf_counter()
             try:
-                name = await self._admission.admit(route)
+                slot = await self._admission.admit(route)
             except ProxyError:
                 if last_error is not None:
                     raise last_error from None  # what the backends said beats "none left"
                 raise
+            name = slot.backend
             self._metrics.queue_wait.observe(perf_counter() - queued_at)
             self._metrics.decisions.labels(name, self._admission.policy_name).inc()
             attempt = Attempt(name, self._pool.load_area(name), route.prompt_chars)
@@ -92,15 +93,15 @@ class Forwarder:
                 attempt.end("ok" if attempt.answered else "client_closed")
                 raise
             finally:
-                self._finish(request, attempt)
+                self._finish(request, attempt, slot)
         assert last_error is not None
         raise last_error
 
-    def _finish(self, request: ClientRequest, attempt: Attempt) -> None:
+    def _finish(self, request: ClientRequest, attempt: Attempt, slot: Slot) -> None:
         if attempt.ended_at is None:
             attempt.end(attempt.outcome)
         attempt.settle(self._pool.load_area(attempt.backend))
-        self._admission.release(attempt.backend, attempt.result())
+        self._admission.release(slot, attempt.result())
         m, name = self._metrics, attempt.backend
         m.requests.labels(name, request.endpoint.name, attempt.outcome).inc()
         m.duration.labels(name).observe(attempt.duration_s)

@@ -133,6 +133,9 @@ class ClusterSettings(_Section):
     replica_id: str = ""  # default: host:pid
     lease_ttl_s: Annotated[float, Field(ge=0.5, le=300)] = 3
     session_ttl_s: PositiveFloat = 3600  # a shared session entry outlives its last turn
+    # Redis unreachable: the capacity is split over at least this many replicas (a replica
+    # that starts while Redis is down knows no others); set it to the replica count
+    min_replicas: Annotated[int, Field(ge=1)] = 1
     prefix: Annotated[str, Field(min_length=1)] = "sluiceway"  # Redis key prefix
 
     @property

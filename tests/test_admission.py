@@ -28,7 +28,7 @@ def make(caps: dict[str, int], queue_size: int = 8, timeout_s: float = 5) -> tup
 def test_waiters_are_admitted_in_arrival_order_as_slots_free() -> None:
     async def main() -> None:
         pool, admission = make({"a": 1})
-        assert await admission.admit(REQ) == "a"
+        assert (await admission.admit(REQ)).backend == "a"
         order: list[int] = []
 
         async def wait(i: int) -> None:
@@ -105,7 +105,7 @@ def test_newcomer_for_a_free_backend_is_not_blocked_by_waiters_for_a_full_one() 
         await admission.admit(x)
         waiter = asyncio.create_task(admission.admit(x))
         await asyncio.sleep(0.01)
-        assert await admission.admit(RouteRequest(endpoint="chat", model="y")) == "b"
+        assert (await admission.admit(RouteRequest(endpoint="chat", model="y"))).backend == "b"
         waiter.cancel()
 
     asyncio.run(main())

@@ -89,6 +89,27 @@ def test_disconnect_frees_capacity(engine: tuple[str, Server]) -> None:
     assert wait_for(lambda: gauges(server)[running] == 0, 2.0) < 2.0
 
 
+def test_the_emulator_counts_its_own_peak_concurrency(engine: tuple[str, Server]) -> None:
+    """`/_emulator/load`: what the backend held at once, as benchmarks/replicas.py reads
+    it to check capacity across replicas; POST resets the peak to what it holds now."""
+    _, server = engine
+    httpx.post(server.url + "/_emulator/load", timeout=5)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "max_tokens": 5000, "ignore_eos": True}
+    socks = [raw_post(server, "/v1/chat/completions", body) for _ in range(3)]
+    try:
+        assert wait_for(lambda: httpx.get(server.url + "/_emulator/load").json()[
+            "in_flight"] == 3, 5.0) < 5.0
+    finally:
+        for sock in socks:
+            sock.close()
+    assert wait_for(lambda: httpx.get(server.url + "/_emulator/load").json()[
+        "in_flight"] == 0, 5.0) < 5.0
+    assert httpx.get(server.url + "/_emulator/load").json()["peak"] == 3
+    assert httpx.post(server.url + "/_emulator/load").json()["peak"] == 3
+    assert httpx.get(server.url + "/_emulator/load").json()["peak"] == 0
+
+
 def test_llamacpp_slots_and_deferral(launch: Launcher) -> None:
     server = launch.emulator("llamacpp", "llamacpp-q4km", slots=2, speed=2)
     assert httpx.get(server.url + "/props").json()["total_slots"] == 2

@@ -215,3 +215,12 @@ def test_fallback_shares_sum_to_the_capacity(capacity: int, replicas: int,
     ids = [f"r{i}" for i in range(replicas)]
     assert [partition(capacity, ids, me) for me in ids] == shares
     assert sum(shares) == capacity
+
+
+def test_fallback_without_the_others_known_splits_by_the_floor() -> None:
+    """A replica that never saw Redis knows only itself: with min_replicas 3 it takes
+    floor(capacity / 3), never the whole capacity."""
+    assert partition(8, [], "me", at_least=3) == 2
+    assert partition(2, ["me"], "me", at_least=3) == 0
+    assert partition(8, ["a", "b", "me"], "me", at_least=3) == 2  # known: by rank
+    assert partition(8, [], "me") == 8  # the default: alone

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis as sync_redis
 
 from tests.conftest import Launcher, backend
 from tests.processes import Server
@@ -70,6 +71,9 @@ def test_three_replicas_share_one_capacity(launch: Launcher, redis_server: Redis
     stats = up.get("/_stats")
     assert statuses == [200] * 120
     assert stats["max_active"] == 4  # full, and never over
+    # and no lease outlives its request (a leaked one would be renewed for ever): gone
+    # well within the TTL, as the releases land
+    assert _wait(lambda: _leases(redis_server, "a") == 0, TTL_S / 2) < TTL_S / 2
     for proxy in shared:
         proxy.stop()
     up.post("/_control", {"reset": True})
@@ -101,6 +105,22 @@ def test_a_killed_replicas_slots_come_back_within_the_ttl(launch: Launcher,
         waited = time.monotonic() - killed
     assert reply.status_code == 200
     assert TTL_S - 0.7 < waited < TTL_S + 1.0
+
+
+def _leases(redis: RedisServer, backend: str) -> int:
+    client = sync_redis.Redis(port=redis.port)
+    try:
+        return int(client.zcard(f"sluiceway:leases:{backend}"))
+    finally:
+        client.close()
+
+
+def _wait(predicate: Any, timeout_s: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - started
 
 
 def _ready(proxy: Server) -> dict[str, Any]:

@@ -154,10 +154,10 @@ class Cluster:
         """The request holding `lease` ended (its local slot is free already)."""
         if lease is None:
             return
-        if self.mode is Mode.SHARED:
-            self._spawn(self._release(lease))
-        else:
+        if self.mode is Mode.PARTITIONED:
             self._store.forget(lease)  # it expires in Redis, or was never written there
+        else:
+            self._spawn(self._release(lease))
 
     def _take_locally(self, state: BackendState) -> tuple[bool, Lease | None]:
         if state.capacity is None:

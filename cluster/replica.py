@@ -16,6 +16,10 @@ The replica runs in one of three modes:
   replica needs to notice Redis is back and to write its requests there; then `shared`.
   So replicas that notice at different moments never count against different rules.
 
+An operator's drain is the cluster's: it is kept in Redis (`{prefix}:drained`) and
+announced to every replica, so no replica routes to a drained backend, and a replica that
+starts later finds it drained too.
+
 Each admitted request holds its own lease (None for a backend without a known capacity)
 and hands back exactly that one when it ends.
 """
@@ -87,17 +91,28 @@ class Cluster:
     def learned_channel(self) -> str:
         return f"{self.settings.prefix}:learned"
 
+    @property
+    def drains_channel(self) -> str:
+        return f"{self.settings.prefix}:drains"
+
+    @property
+    def _drained_key(self) -> str:
+        return f"{self.settings.prefix}:drained"
+
     # --- lifetime ------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Join: heartbeat, counts and the stored learning (warm start), then the loops."""
         try:
             await self._restore()
+            for name in await self._redis.hkeys(self._drained_key):
+                self._drain_here(name.decode() if isinstance(name, bytes) else str(name), True)
             self._reachable(await self._store.renew(self._capped()))
         except (RedisError, OSError) as exc:
             self._unreachable(exc)
         handlers = {self._store.channel: self._on_count,
-                    self.learned_channel: self._on_learned}
+                    self.learned_channel: self._on_learned,
+                    self.drains_channel: self._on_drain}
         self._tasks += [
             asyncio.create_task(self._refresh_forever(), name="cluster-refresh"),
             asyncio.create_task(subscribe_forever(self._redis, handlers),
@@ -273,6 +288,36 @@ class Cluster:
             self._unreachable(exc)
             return None
         return sessions.decode(before if isinstance(before, bytes | str) else None)
+
+    # --- drains --------------------------------------------------------------------------
+
+    async def drain(self, name: str, draining: bool) -> bool:
+        """An operator drained (or undrained) `name` here: every replica does the same, now
+        and when it starts later. False when Redis cannot be reached (this replica only)."""
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if draining:
+                    pipe.hset(self._drained_key, name, self.replica_id)
+                else:
+                    pipe.hdel(self._drained_key, name)
+                pipe.publish(self.drains_channel, f"{int(draining)} {name}")
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+            return False
+        return True
+
+    def _on_drain(self, data: bytes) -> None:
+        flag, _, name = data.decode(errors="replace").partition(" ")
+        if flag in ("0", "1"):
+            self._drain_here(name, flag == "1")
+
+    def _drain_here(self, name: str, draining: bool) -> None:
+        state = self._pool.get(name)
+        if state is not None and not state.removing and state.draining != draining:
+            self._pool.set_draining(name, draining)
+            log.info("cluster: backend %s %s by another replica", name,
+                     "drained" if draining else "back in rotation")
 
     # --- learning ------------------------------------------------------------------------
 

@@ -82,9 +82,13 @@ class Gateway:
 
     # --- changes at run time -------------------------------------------------------------
 
-    def drain(self, name: str, draining: bool = True) -> None:
-        """Route no new requests to `name` (or again, with False); in flight ones finish."""
+    async def drain(self, name: str, draining: bool = True) -> bool:
+        """Route no new requests to `name` (or again, with False); in flight ones finish.
+        With several replicas, all of them do (False: Redis unreachable, this one only)."""
         self.pool.set_draining(name, draining)
+        if self.cluster is not None:
+            return await self.cluster.drain(name, draining)
+        return True
 
     async def add(self, config: BackendConfig) -> BackendState:
         """Add a backend: probed and calibrated before it takes traffic, as at start-up."""
@@ -105,9 +109,9 @@ class Gateway:
         return await self._wait_for(lambda: name not in self.pool, timeout_s)
 
     async def wait_idle(self, name: str, timeout_s: float) -> bool:
-        """Wait up to `timeout_s` for nothing to be in flight on `name`."""
+        """Wait up to `timeout_s` for nothing to be in flight on `name` (from any replica)."""
         return await self._wait_for(
-            lambda: name not in self.pool or self.pool[name].in_flight == 0, timeout_s)
+            lambda: name not in self.pool or self.pool[name].total_in_flight == 0, timeout_s)
 
     async def _wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
         done = asyncio.Event()

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis as sync_redis
 
+from loadgen.local import free_port
 from tests.conftest import Launcher, backend
 from tests.processes import Server
 from tests.redis_server import RedisServer
@@ -261,3 +262,35 @@ def test_sigterm_hands_back_leases_and_heartbeat_at_once(launch: Launcher,
 
     leases, live = asyncio.run(leftovers())
     assert leases == 0 and live == [b"r1"]
+
+
+def test_a_drain_on_one_replica_is_every_replicas(launch: Launcher,
+                                                  redis_server: RedisServer) -> None:
+    """An operator drains backend a on replica 0's admin plane: replica 1 stops routing
+    there too, a replica started later finds it drained; undrained on replica 1, it is back
+    everywhere."""
+    ups = {name: launch.upstream(name, token_delay_ms=5) for name in ("a", "b")}
+    pool = [backend(name, up, models=["m"], max_concurrency=4) for name, up in ups.items()]
+    admins = [free_port(), free_port(), free_port()]
+
+    def replica(i: int) -> Server:
+        return launch.proxy(pool, admin={"port": admins[i]}, cluster={
+            "redis_url": redis_server.url, "replica_id": f"r{i}", "lease_ttl_s": TTL_S})
+
+    def admin(i: int, method: str, path: str) -> Any:
+        response = httpx.request(method, f"http://127.0.0.1:{admins[i]}{path}", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    _first, second = replica(0), replica(1)
+    admin(0, "POST", "/admin/backends/a/drain")
+    assert _wait(lambda: admin(1, "GET", "/admin/backends/a")["draining"], 2.0) < 2.0
+    served = {chat(second.url).headers["x-sluiceway-backend"] for _ in range(8)}
+    assert served == {"b"}
+    late = replica(2)
+    assert admin(2, "GET", "/admin/backends/a")["draining"] is True
+    assert {chat(late.url).headers["x-sluiceway-backend"] for _ in range(4)} == {"b"}
+    admin(1, "POST", "/admin/backends/a/undrain")
+    for i in (0, 2):
+        assert _wait(lambda i=i: not admin(i, "GET", "/admin/backends/a")["draining"],
+                     2.0) < 2.0

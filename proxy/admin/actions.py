@@ -44,9 +44,12 @@ class Actions:
             state = self.backend(name)
             if state.removing:
                 raise ActionError("conflict", f"backend {name} is being removed")
-            self._gateway.drain(name, draining)
+            everywhere = await self._gateway.drain(name, draining)
             log.info("backend %s %s (%d in flight)", name,
                      "drained" if draining else "back in rotation", state.in_flight)
+            if not everywhere:
+                log.warning("backend %s: Redis unreachable, so only this replica has it %s",
+                            name, "drained" if draining else "back in rotation")
         if draining and wait_s > 0:
             await self._gateway.wait_idle(name, wait_s)
         return state

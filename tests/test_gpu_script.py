@@ -10,6 +10,7 @@ in place of `transformers serve`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,17 @@ def test_the_entry_script_sweeps_engines_and_a_cold_pool(tmp_path: Path) -> None
     assert "===== llama-server.log" in (out / "logs.txt").read_text()
     leftovers = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True)
     assert leftovers.stdout == b""  # the engines it started are gone
+
+
+def test_the_carried_wheels_cover_every_runtime_dependency() -> None:
+    """A dependency added to pyproject and not to the carried wheels breaks the GPU run
+    only on the GPU machine (it did once: `redis`); caught here instead."""
+    import tomllib
+
+    from benchmarks.gpu.carry import DEVICE_WHEELS, IMAGE_HAS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {re.split(r"[<>=\[;! ]", dep, maxsplit=1)[0].lower()
+              for dep in project["dependencies"]}
+    carried = {wheel.split("==")[0].lower() for wheel in DEVICE_WHEELS} | set(IMAGE_HAS)
+    assert needed - carried == set()

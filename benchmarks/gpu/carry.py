@@ -39,8 +39,12 @@ DEVICE_WHEELS = [
     "python-dotenv==1.2.4", "annotated-types==0.8.0", "typing-inspection==0.4.5",
     "typing-extensions==4.16.0", "orjson==3.13.0", "httptools==0.9.0",
     "openai==1.109.1", "distro==1.9.0", "jiter==0.19.0", "sniffio==1.3.1",
-    "gguf==0.19.0",
+    "gguf==0.19.0", "redis==8.1.0", "hiredis==3.5.0",
 ]
+
+# sluiceway's own dependencies that the device image already has (seen on the lent H200
+# image, 2026-12-02): with DEVICE_WHEELS they cover pyproject's list (tests/test_gpu_script.py)
+IMAGE_HAS = ("aiohttp", "yarl", "uvloop", "prometheus-client")
 
 # Parts of the vendored tree a CUDA build of llama-server and llama-quantize never reads.
 _SKIP = ("docs", "media", "benches", "examples", ".github", "gguf-py", "conversion",

@@ -11,6 +11,11 @@ with requests waiting for that backend can try again at once instead of polling.
 replica renews its own leases every `ttl / 3`; one that dies (SIGKILL, a lost host) stops
 renewing and its leases expire within `ttl`.
 
+A request that finds a backend full waits in that backend's queue in Redis
+(`{prefix}:queue:{backend}`, tickets scored by when they joined, with expiries renewed
+like leases): the acquire script grants a slot only while the free slots outnumber the
+tickets ahead, so the replicas serve a full backend first come, first served.
+
 Replicas also keep a heartbeat (`{prefix}:replicas`, ids scored by expiry), so each knows
 how many are alive and its own rank among them: `partition` turns that into this
 replica's share of a backend's capacity for when Redis cannot be reached (the shares of
@@ -36,30 +41,51 @@ from cluster.channels import subscribe_forever
 
 log = logging.getLogger("sluiceway.cluster")
 
-# KEYS[1] the backend's lease set, KEYS[2] the channel, KEYS[3] (optional) a session key;
-# ARGV: lease id, limit, ttl in ms, the backend's name, (with KEYS[3]) the session's new
-# value and its ttl in s. Returns {1 if granted else 0, the set's size after, the
-# session's value before (absent when none)}. A grant is published with the new count
-# (every replica's view of the backend's load follows) and records where the session
-# went, in the same atomic step; reading the session's previous value in that step
-# spares the request a round trip of its own to look it up.
+# KEYS[1] the backend's lease set, KEYS[2] the channel, KEYS[3] its queue (tickets scored
+# by when they joined), KEYS[4] the tickets' expiries, KEYS[5] (optional) a session key;
+# ARGV: lease id, limit, ttl in ms, the backend's name, the request's ticket, '1' to join
+# the queue when refused, (with KEYS[5]) the session's new value and its ttl in s.
+# Granted only while the slots left outnumber the tickets ahead of this request's (all of
+# them for a request without one): the replicas' requests are served in the order they
+# first found the backend full, whichever replica frees a slot. Returns {1 if granted
+# else 0, the count the policy should see (held, plus the queue when refused), the
+# session's value before (absent when none)}. A grant publishes the new count and
+# records where the session went, in the same atomic step.
 _ACQUIRE = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local before = false
-if KEYS[3] then before = redis.call('GET', KEYS[3]) end
+local ttl = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ms)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[3], unpack(gone))
+  redis.call('ZREM', KEYS[4], unpack(gone))
+end
+local before = false
+if KEYS[5] then before = redis.call('GET', KEYS[5]) end
 local held = redis.call('ZCARD', KEYS[1])
-if held < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[3]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+local rank = redis.call('ZRANK', KEYS[3], ARGV[5])
+local ahead = rank or redis.call('ZCARD', KEYS[3])
+if held + ahead < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ms + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  if rank then
+    redis.call('ZREM', KEYS[3], ARGV[5])
+    redis.call('ZREM', KEYS[4], ARGV[5])
+  end
   redis.call('PUBLISH', KEYS[2], ARGV[4] .. ' ' .. (held + 1))
-  if KEYS[3] then
-    redis.call('SET', KEYS[3], ARGV[5], 'EX', tonumber(ARGV[6]))
+  if KEYS[5] then
+    redis.call('SET', KEYS[5], ARGV[7], 'EX', tonumber(ARGV[8]))
   end
   return {1, held + 1, before}
 end
-return {0, held, before}
+if not rank and ARGV[6] == '1' then
+  redis.call('ZADD', KEYS[3], ms, ARGV[5])
+  redis.call('ZADD', KEYS[4], ms + ttl, ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], ttl * 2)
+  redis.call('PEXPIRE', KEYS[4], ttl * 2)
+end
+return {0, held + redis.call('ZCARD', KEYS[3]), before}
 """
 
 # KEYS[1] the lease set, KEYS[2] the channel; ARGV[1] the backend's name, ARGV[2..] ids.
@@ -73,33 +99,36 @@ end
 return held
 """
 
-# KEYS: lease sets, then the replicas set; ARGV[1] ttl in ms, ARGV[2] replica id, then per
-# lease set: a count and the ids to renew (only while they exist: a lease released
-# meanwhile must not come back), then a count and the ids to write (leases taken while
-# Redis was unreachable, or lost with it: requests really in flight). Pushes their expiry
-# and this replica's heartbeat. Returns {live replicas, the unexpired count of every set}.
+# KEYS: per backend its lease set and its tickets' expiries, then the replicas set;
+# ARGV[1] ttl in ms, ARGV[2] replica id, then per backend: a count and the lease ids to
+# renew (only while they exist: a lease released meanwhile must not come back), a count
+# and the lease ids to write (taken while Redis was unreachable, or lost with it: requests
+# really in flight), a count and the tickets to renew (only while they exist). Pushes
+# their expiry and this replica's heartbeat. Returns {live replicas, the unexpired lease
+# count of every backend}.
 _RENEW = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local at = 3
 local counts = {}
-for i = 1, #KEYS - 1 do
-  local written = 0
-  for pass = 1, 2 do
+for i = 1, (#KEYS - 1) / 2 do
+  local leases, expiries = KEYS[2 * i - 1], KEYS[2 * i]
+  for pass = 1, 3 do
     local n = tonumber(ARGV[at])
     for j = 1, n do
       if pass == 1 then
-        redis.call('ZADD', KEYS[i], 'XX', ms + ttl, ARGV[at + j])
+        redis.call('ZADD', leases, 'XX', ms + ttl, ARGV[at + j])
+      elseif pass == 2 then
+        redis.call('ZADD', leases, ms + ttl, ARGV[at + j])
       else
-        redis.call('ZADD', KEYS[i], ms + ttl, ARGV[at + j])
+        redis.call('ZADD', expiries, 'XX', ms + ttl, ARGV[at + j])
       end
     end
-    written = written + n
+    if n > 0 then redis.call('PEXPIRE', pass == 3 and expiries or leases, ttl * 2) end
     at = at + n + 1
   end
-  if written > 0 then redis.call('PEXPIRE', KEYS[i], ttl * 2) end
-  counts[i] = redis.call('ZCOUNT', KEYS[i], '(' .. ms, '+inf')
+  counts[i] = redis.call('ZCOUNT', leases, '(' .. ms, '+inf')
 end
 local replicas = KEYS[#KEYS]
 redis.call('ZREMRANGEBYSCORE', replicas, '-inf', ms)
@@ -120,6 +149,7 @@ class Lease:
 class _Held:
     ids: set[str] = field(default_factory=set)
     unwritten: set[str] = field(default_factory=set)  # not (or no longer) in Redis
+    tickets: set[str] = field(default_factory=set)  # this replica's requests in the queue
 
 
 def partition(capacity: int, replicas: list[str], me: str, at_least: int = 1) -> int:
@@ -159,35 +189,87 @@ class LeaseStore:
     def _key(self, backend: str) -> str:
         return f"{self._prefix}:leases:{backend}"
 
+    def _queue_keys(self, backend: str) -> list[str]:
+        return [f"{self._prefix}:queue:{backend}", f"{self._prefix}:queue-expiry:{backend}"]
+
+    def new_ticket(self) -> str:
+        """An id for a request's place in the queues (the same for all its tries)."""
+        return f"{self.replica_id}:t{next(self._serial)}"
+
     def held(self, backend: str) -> int:
         """Leases this replica holds on `backend` now."""
         entry = self._held.get(backend)
         return len(entry.ids) if entry else 0
 
     async def acquire(self, backend: str, limit: int) -> tuple[Lease | None, int]:
-        """A lease on one of `backend`'s `limit` slots, or None when all are taken; and the
-        backend's global in-flight count after. Raises RedisError (or OSError) when Redis
-        fails."""
+        """A lease on one of `backend`'s `limit` slots, or None when all are taken (or
+        promised to requests queued before); and the backend's global count after. Raises
+        RedisError (or OSError) when Redis fails."""
         lease, count, _ = await self.acquire_for(backend, limit)
         return lease, count
 
     async def acquire_for(self, backend: str, limit: int,
-                          session: tuple[str, str, float] | None = None
-                          ) -> tuple[Lease | None, int, bytes | None]:
-        """`acquire`, for a request of a session: with `session` = (key, value, ttl_s) a
-        grant also sets that key, and the key's value before comes back (None: unset)."""
+                          session: tuple[str, str, float] | None = None,
+                          ticket: str | None = None) -> tuple[Lease | None, int, bytes | None]:
+        """`acquire`, for a request: with a `ticket` (`new_ticket`) a refusal puts it in
+        the backend's queue, where it keeps its place until granted or `leave`; with
+        `session` = (key, value, ttl_s) a grant also sets that key, and the key's value
+        before comes back (None: unset)."""
         lease_id = self._new_id()
-        keys = [self._key(backend), self.channel]
-        args: list[str | int] = [lease_id, limit, self._ttl_ms, backend]
+        keys = [self._key(backend), self.channel, *self._queue_keys(backend)]
+        args: list[str | int] = [lease_id, limit, self._ttl_ms, backend,
+                                 ticket or lease_id, "1" if ticket else "0"]
         if session is not None:
             key, value, ttl_s = session
             keys.append(key)
             args += [value, max(1, int(ttl_s))]
         granted, count, *rest = await self._acquire(keys=keys, args=args)
         before = rest[0] if rest and isinstance(rest[0], bytes) else None
+        entry = self._held.setdefault(backend, _Held())
         if not granted:
+            if ticket:
+                entry.tickets.add(ticket)
             return None, int(count), before
+        if ticket:
+            entry.tickets.discard(ticket)
         return self._hold(backend, lease_id), int(count), before
+
+    async def join(self, backends: list[str], ticket: str) -> None:
+        """Put `ticket` in the queues of `backends` (found full before asking Redis: the
+        request keeps the place of the moment it started to wait); a place held already
+        is kept."""
+        fresh = [b for b in backends if ticket not in self._held.get(b, _Held()).tickets]
+        if not fresh:
+            return
+        for backend in fresh:  # known here first: a `leave` meanwhile finds them
+            self._held.setdefault(backend, _Held()).tickets.add(ticket)
+        now_s, now_us = await self._redis.time()
+        ms = now_s * 1000 + now_us // 1000
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for backend in fresh:
+                queue, expiries = self._queue_keys(backend)
+                pipe.zadd(queue, {ticket: ms}, nx=True)
+                pipe.zadd(expiries, {ticket: ms + self._ttl_ms}, nx=True)
+                pipe.pexpire(queue, self._ttl_ms * 2)
+                pipe.pexpire(expiries, self._ttl_ms * 2)
+            await pipe.execute()
+
+    async def leave(self, backend: str, ticket: str) -> None:
+        """The request behind `ticket` no longer waits for `backend` (served elsewhere,
+        or gone)."""
+        entry = self._held.get(backend)
+        if entry is None or ticket not in entry.tickets:
+            return
+        entry.tickets.discard(ticket)
+        queue, expiries = self._queue_keys(backend)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(queue, ticket)
+            pipe.zrem(expiries, ticket)
+            await pipe.execute()
+
+    def queued(self, ticket: str) -> list[str]:
+        """The backends whose queue holds `ticket`."""
+        return [backend for backend, entry in self._held.items() if ticket in entry.tickets]
 
     def adopt(self, backend: str) -> Lease:
         """A lease held here without asking Redis: while Redis cannot be reached, for a
@@ -229,15 +311,18 @@ class LeaseStore:
         """Every lease this replica holds, at once (shutdown)."""
         for backend, entry in list(self._held.items()):
             ids, entry.ids, entry.unwritten = list(entry.ids), set(), set()
+            for ticket in list(entry.tickets):
+                await self.leave(backend, ticket)
             if ids:
                 await self._release(keys=[self._key(backend), self.channel],
                                     args=[backend, *ids])
         await self._redis.zrem(f"{self._prefix}:replicas", self.replica_id)
 
     async def renew(self, backends: Iterable[str] = ()) -> dict[str, int]:
-        """Push back the expiry of every lease held here (writing those Redis lacks), and
-        this replica's heartbeat (`replicas` is then the live replicas' ids); return the
-        global in-flight count of every backend held here or named in `backends`."""
+        """Push back the expiry of every lease and ticket held here (writing the leases
+        Redis lacks), and this replica's heartbeat (`replicas` is then the live replicas'
+        ids); return the global in-flight count of every backend held here or named in
+        `backends`."""
         names = list(dict.fromkeys([*self._held, *backends]))
         keys, args = [], [str(self._ttl_ms), self.replica_id]
         writing: list[tuple[_Held, list[str]]] = []
@@ -245,8 +330,10 @@ class LeaseStore:
             entry = self._held.get(backend) or _Held()
             fresh = sorted(entry.unwritten & entry.ids)
             known = sorted(entry.ids - entry.unwritten)
-            keys.append(self._key(backend))
-            args += [str(len(known)), *known, str(len(fresh)), *fresh]
+            tickets = sorted(entry.tickets)
+            keys += [self._key(backend), self._queue_keys(backend)[1]]
+            args += [str(len(known)), *known, str(len(fresh)), *fresh,
+                     str(len(tickets)), *tickets]
             writing.append((entry, fresh))
         keys.append(f"{self._prefix}:replicas")
         live, counts = await self._renew(keys=keys, args=args)

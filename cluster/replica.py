@@ -75,6 +75,7 @@ class Cluster:
         self.partitions_total = 0  # times this replica fell back to its shares
         self._since = 0.0  # when recovery began
         self._batch: list[tuple[str, RequestResult]] = []
+        self._joins: dict[str, asyncio.Task[None]] = {}  # tickets on their way to queues
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -141,13 +142,19 @@ class Cluster:
 
     # --- capacity ------------------------------------------------------------------------
 
-    async def take(self, name: str, session: tuple[str, str, int] | None = None
-                   ) -> tuple[bool, Lease | None, Session | None]:
+    def ticket(self) -> str:
+        """A request's place in the backends' queues, for all its tries (see `take`)."""
+        return self._store.new_ticket()
+
+    async def take(self, name: str, session: tuple[str, str, int] | None = None,
+                   ticket: str | None = None) -> tuple[bool, Lease | None, Session | None]:
         """A lease for a request that holds a local slot on `name`: (False, None, ...) when
-        the backend is full across the replicas (the slot must go back, and the request
-        wait); (True, None, ...) for a backend without a known capacity. `session` =
-        (affinity key, backend, chars) is recorded with the grant; what the shared table
-        held for that key before comes back (None: nothing known)."""
+        the backend is full across the replicas, or its free slots are promised to
+        requests that found it full earlier (the slot must go back, and the request wait;
+        with a `ticket` it keeps its own place in that queue until `leave`); (True, None,
+        ...) for a backend without a known capacity. `session` = (affinity key, backend,
+        chars) is recorded with the grant; what the shared table held for that key before
+        comes back (None: nothing known)."""
         state = self._pool[name]
         limit = state.capacity
         stored = None if session is None else (
@@ -158,7 +165,7 @@ class Cluster:
         if limit is None:  # no capacity known: nothing to count, only the session
             return True, None, await self._swap_session(stored) if stored else None
         try:
-            lease, count, before = await self._acquire(name, limit, stored)
+            lease, count, before = await self._acquire(name, limit, stored, ticket)
         except (RedisError, OSError) as exc:
             self._unreachable(exc)
             return *self._take_locally(state), None
@@ -182,11 +189,42 @@ class Cluster:
             return False, None
         return True, self._store.adopt(state.name)
 
-    async def _acquire(self, name: str, limit: int, session: tuple[str, str, float] | None
-                       ) -> tuple[Lease | None, int, bytes | None]:
+    def join(self, ticket: str, backends: list[str]) -> None:
+        """The request behind `ticket` waits for one of `backends`, found full here: it
+        takes its place in their queues now (not when it first asks Redis)."""
+        if self.mode is Mode.SHARED and backends and ticket not in self._joins:
+            task = asyncio.create_task(self._join(backends, ticket))
+            self._joins[ticket] = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _join(self, backends: list[str], ticket: str) -> None:
+        try:
+            await self._store.join(backends, ticket)
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+
+    def leave(self, ticket: str) -> None:
+        """The request behind `ticket` is served (or gone): out of every queue it is in,
+        once a join still on its way has landed (or the ticket would outlive it)."""
+        joining = self._joins.pop(ticket, None)
+        if joining is not None or self._store.queued(ticket):
+            self._spawn(self._leave(ticket, joining))
+
+    async def _leave(self, ticket: str, joining: asyncio.Task[None] | None) -> None:
+        if joining is not None:
+            await asyncio.wait([joining])
+        try:
+            for backend in self._store.queued(ticket):
+                await self._store.leave(backend, ticket)
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+
+    async def _acquire(self, name: str, limit: int, session: tuple[str, str, float] | None,
+                       ticket: str | None) -> tuple[Lease | None, int, bytes | None]:
         """The Redis call, shielded: a request cancelled meanwhile (the client left) must
         not leave a granted lease behind."""
-        task = asyncio.ensure_future(self._store.acquire_for(name, limit, session))
+        task = asyncio.ensure_future(self._store.acquire_for(name, limit, session, ticket))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -10,8 +10,10 @@ so two requests can never both take a backend's last slot.
 
 With several replicas (cluster/replica.py), the slot taken here is then backed by a lease
 in Redis; when the other replicas took the backend's last slots meanwhile, the slot goes
-back and the request waits again, at the head of this replica's queue (FIFO per replica;
-across replicas, whichever replica's wake-up reaches Redis first gets the freed slot).
+back and the request waits again, at the head of this replica's queue, holding a ticket
+in the backend's queue in Redis: a freed slot goes to the request that found the backend
+full first, whichever replica it is on (FIFO across the replicas, from the moment each
+request first met a full backend).
 A session's backend is written with the lease, and the same atomic step returns where the
 session went before: when that is news to this replica (another one moved it), the slot
 goes back and the request is routed once more, knowing it. So a conversation keeps its
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.pool import Pool
@@ -86,28 +89,34 @@ class Admission:
         if cluster is None:
             return Slot(await self._reserve(request, deadline))
         key = request.affinity_key if table is not None else None
+        ticket = cluster.ticket()  # its place in the queues of backends found full
         ahead = asked = False
-        while True:
-            known = table.get(key) if table is not None and key is not None else None
-            name = await self._reserve(request, deadline, ahead)
-            try:
-                granted, lease, shared = await cluster.take(
-                    name, None if key is None else (key, name, request.prompt_chars))
-            except BaseException:
+        try:
+            while True:
+                known = table.get(key) if table is not None and key is not None else None
+                name = await self._reserve(request, deadline, ahead,
+                                           lambda: cluster.join(ticket, self._full(request)))
+                try:
+                    granted, lease, shared = await cluster.take(
+                        name, None if key is None else (key, name, request.prompt_chars),
+                        ticket)
+                except BaseException:
+                    self._pool.release(name, None)
+                    raise
+                # chosen without knowing where the session went last (another replica sent
+                # it elsewhere): choose once more, knowing it
+                uninformed = (shared is not None and shared[0] != name and not asked
+                              and (known is None or known[0] != shared[0]))
+                if granted and not uninformed:
+                    return Slot(name, lease)
+                if uninformed and table is not None and key is not None and shared is not None:
+                    table.put(key, *shared)
+                    asked = True
                 self._pool.release(name, None)
-                raise
-            # chosen without knowing where the session went last (another replica sent it
-            # elsewhere): choose once more, knowing it
-            uninformed = (shared is not None and shared[0] != name and not asked
-                          and (known is None or known[0] != shared[0]))
-            if granted and not uninformed:
-                return Slot(name, lease)
-            if uninformed and table is not None and key is not None and shared is not None:
-                table.put(key, *shared)
-                asked = True
-            self._pool.release(name, None)
-            cluster.give(lease)  # the lease taken for the uninformed choice, if any
-            ahead = not granted  # full across the replicas: wait for a release, at the head
+                cluster.give(lease)  # the lease taken for the uninformed choice, if any
+                ahead = not granted  # full, or not its turn: wait for a change, at the head
+        finally:
+            cluster.leave(ticket)
 
     async def hold(self, name: str) -> Slot | None:
         """Take a slot on `name` itself, outside the policy (calibration); None when it
@@ -133,9 +142,16 @@ class Admission:
             self._cluster.give(slot.lease)
             self._cluster.observe(slot.backend, result)
 
-    async def _reserve(self, request: RouteRequest, deadline: float, ahead: bool = False
-                       ) -> str:
-        """A local slot: now, or after waiting in the queue (at its head with `ahead`)."""
+    def _full(self, request: RouteRequest) -> list[str]:
+        """The backends the request could go to but for their room."""
+        return [b.name for b in self._pool.snapshot().backends
+                if b.serves(request.model) and b.name not in request.exclude
+                and b.routable and not b.has_room]
+
+    async def _reserve(self, request: RouteRequest, deadline: float, ahead: bool = False,
+                       on_wait: Callable[[], None] | None = None) -> str:
+        """A local slot: now, or after waiting in the queue (at its head with `ahead`);
+        `on_wait` is called when it starts to wait."""
         if not ahead:
             decision = self._policy.choose(request, self._pool.snapshot())
             if isinstance(decision, Route):
@@ -151,6 +167,8 @@ class Admission:
             self._dispatch()  # the backend may have room again already
         else:
             self._waiters.append(waiter)
+            if on_wait is not None:
+                on_wait()
         try:
             async with asyncio.timeout_at(deadline):
                 return await waiter.future

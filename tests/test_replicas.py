@@ -294,3 +294,47 @@ def test_a_drain_on_one_replica_is_every_replicas(launch: Launcher,
     for i in (0, 2):
         assert _wait(lambda i=i: not admin(i, "GET", "/admin/backends/a")["draining"],
                      2.0) < 2.0
+
+
+def test_replicas_serve_a_full_backend_first_come_first_served(
+        launch: Launcher, redis_server: RedisServer) -> None:
+    """30 requests, 15 ms apart, round the 3 replicas, on a backend of one slot that takes
+    ~60 ms a request: served in the order sent, whichever replica holds each (the order is
+    read from each reply's first byte). Without the queue in Redis the replica that frees
+    the slot kept it for its own waiters: 29% of pairs out of order, one request 24 places
+    late. The tolerance is the client's own jitter: one replica alone gave 0-1 inversions."""
+    up = launch.upstream("a", token_delay_ms=10)
+    proxies = replicas(launch, redis_server, [backend("a", up, models=["m"],
+                                                       max_concurrency=1)], 3,
+                       routing={"queue_timeout_s": 60})
+    n = 30
+    first: dict[int, float] = {}
+
+    def one(i: int) -> None:
+        body = {**BODY, "max_tokens": 5, "messages": [{"role": "user", "content": f"r{i}"}]}
+        with httpx.stream("POST", proxies[i % 3].url + "/v1/chat/completions", json=body,
+                          timeout=60) as reply:
+            assert reply.status_code == 200
+            chunks = reply.iter_bytes()
+            next(chunks)
+            first[i] = time.monotonic()
+            for _ in chunks:
+                pass
+
+    with ThreadPoolExecutor(n) as workers:
+        sent = []
+        for i in range(n):
+            sent.append(workers.submit(one, i))
+            time.sleep(0.015)
+        for future in sent:
+            future.result()
+    order = sorted(range(n), key=lambda i: first[i])
+    inversions = sum(1 for a in range(n) for b in range(a + 1, n) if first[b] < first[a])
+    assert inversions <= 0.03 * n * (n - 1) / 2, order
+    assert max(abs(place - i) for place, i in enumerate(order)) <= 2, order
+    assert up.get("/_stats")["max_active"] == 1
+    client = sync_redis.Redis(port=redis_server.port)
+    try:  # every ticket left the queue with its request
+        assert _wait(lambda: client.zcard("sluiceway:queue:a") == 0, 1.0) < 1.0
+    finally:
+        client.close()

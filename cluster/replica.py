@@ -76,6 +76,9 @@ class Cluster:
         self._since = 0.0  # when recovery began
         self._batch: list[tuple[str, RequestResult]] = []
         self._joins: dict[str, asyncio.Task[None]] = {}  # tickets on their way to queues
+        # when Redis was lost: the other replicas' count on each backend, and until when
+        # their requests from before may still run
+        self._others_then: dict[str, tuple[int, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -297,6 +300,9 @@ class Cluster:
         # the pool's other connections died with this one (a restarted Redis): drop them
         # now, or each would fail once more after Redis is back
         self._spawn(self._reconnect())
+        now = asyncio.get_running_loop().time()
+        self._others_then = {s.name: (s.remote_in_flight, now + self._drain_bound_s(s))
+                             for s in self._pool if s.remote_in_flight}
         self._set_shares()
         for state in list(self._pool):
             self._pool.set_remote(state.name, 0)
@@ -308,12 +314,32 @@ class Cluster:
         await self._redis.connection_pool.disconnect()
 
     def _set_shares(self) -> None:
+        """Each backend's share for this replica. Right after Redis is lost, the others
+        may still run more than their shares (admitted by leases before): until those
+        requests have ended, this replica also keeps within what they left free
+        (capacity less their count as last seen), so the sum never passes the capacity."""
         live = self.replicas
+        now = asyncio.get_running_loop().time()
         for state in list(self._pool):
             capacity = state.capacity
             share = None if capacity is None else partition(
                 capacity, live, self.replica_id, self.settings.min_replicas)
+            others, until = self._others_then.get(state.name, (0, 0.0))
+            if share is not None and capacity is not None and now < until:
+                share = min(share, max(0, capacity - others))
             self._pool.set_share(state.name, share)
+
+    def _drain_bound_s(self, state: BackendState) -> float:
+        """How long requests admitted before the loss of Redis are assumed to run: three
+        times the backend's typical request (its learned TTFT and decode of its typical
+        reply), at least one lease TTL, at most two minutes; 30 s while unmeasured."""
+        stats = state.stats
+        ttft, rate, tokens = (stats.ttft_s.value, stats.decode_tok_s.value,
+                              stats.output_tokens.value)
+        if ttft is None or not rate or tokens is None:
+            return max(self.settings.lease_ttl_s, 30.0)
+        typical = ttft + tokens / rate
+        return min(120.0, max(self.settings.lease_ttl_s, 3 * typical))
 
     # --- sessions ------------------------------------------------------------------------
 

@@ -302,7 +302,9 @@ def test_replicas_serve_a_full_backend_first_come_first_served(
     ~60 ms a request: served in the order sent, whichever replica holds each (the order is
     read from each reply's first byte). Without the queue in Redis the replica that frees
     the slot kept it for its own waiters: 29% of pairs out of order, one request 24 places
-    late. The tolerance is the client's own jitter: one replica alone gave 0-1 inversions."""
+    late. The tolerance (12% of pairs, 6 places) leaves room for the client's own jitter on
+a busy machine: idle, 0-3 pairs swapped and 1 place (one replica alone: 0-1); beside two
+busy loops up to 29 pairs (6.7%)."""
     up = launch.upstream("a", token_delay_ms=10)
     proxies = replicas(launch, redis_server, [backend("a", up, models=["m"],
                                                        max_concurrency=1)], 3,
@@ -330,8 +332,8 @@ def test_replicas_serve_a_full_backend_first_come_first_served(
             future.result()
     order = sorted(range(n), key=lambda i: first[i])
     inversions = sum(1 for a in range(n) for b in range(a + 1, n) if first[b] < first[a])
-    assert inversions <= 0.03 * n * (n - 1) / 2, order
-    assert max(abs(place - i) for place, i in enumerate(order)) <= 2, order
+    late = max(abs(place - i) for place, i in enumerate(order))
+    assert inversions <= 0.12 * n * (n - 1) / 2 and late <= 6, (inversions, late, order)
     assert up.get("/_stats")["max_active"] == 1
     client = sync_redis.Redis(port=redis_server.port)
     try:  # every ticket left the queue with its request

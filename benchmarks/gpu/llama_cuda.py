@@ -4,8 +4,8 @@ The source is the slim tarball `make gpu-carry` writes (`.carry/llama-src.tar.xz
 the pinned sdist fetched from PyPI where the machine can reach it. Flags as measured on
 the lent H100 (shared/reference/gpu.md): CUDA for the machine's own architecture (90 on
 Hopper; `native` elsewhere), Release, static ggml, no curl/OpenSSL/web UI download, Ninja
-where it exists. About 4.5 minutes at -j16. `cpu=True` makes the same build without CUDA,
-for dry runs of the benchmark on a machine without a GPU.
+where it exists. About 4.5 minutes at -j16. (Dry runs on a CPU use the test suite's own
+llama-server build instead: tests/realllama.)
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def _unpack(source: Path | None, work: Path) -> Path:
     return work / "llama.cpp"
 
 
-def build(cache: Path, source: Path | None, cpu: bool = False,
+def build(cache: Path, source: Path | None,
           log: Callable[[str], None] = print) -> LlamaBinaries:
-    target = cache / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-{'cpu' if cpu else 'cuda'}"
+    target = cache / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-cuda"
     binaries = LlamaBinaries(target / "llama-server", target / "llama-quantize",
                              target / VOCAB_NAME)
     if all(p.is_file() for p in (binaries.server, binaries.quantize, binaries.vocab)):
@@ -74,10 +74,8 @@ def build(cache: Path, source: Path | None, cpu: bool = False,
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llama-cuda-") as tmp:
         tree = _unpack(source, Path(tmp))
-        flags = list(_FLAGS)
-        if not cpu:
-            flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={_nvcc()}",
-                      f"-DCMAKE_CUDA_ARCHITECTURES={_cuda_arch()}"]
+        flags = [*_FLAGS, "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={_nvcc()}",
+                 f"-DCMAKE_CUDA_ARCHITECTURES={_cuda_arch()}"]
         if shutil.which("ninja"):
             flags += ["-G", "Ninja"]
         build_dir = Path(tmp) / "build"
@@ -91,5 +89,5 @@ def build(cache: Path, source: Path | None, cpu: bool = False,
         for name in ("llama-quantize", "llama-server"):  # the server last: it marks done
             shutil.copy2(build_dir / "bin" / name, target / f"{name}.partial")
             (target / f"{name}.partial").rename(target / name)
-    log(f"built llama-server ({'CPU' if cpu else 'CUDA'}) in {time.monotonic() - started:.0f} s")
+    log(f"built llama-server (CUDA) in {time.monotonic() - started:.0f} s")
     return binaries

@@ -58,6 +58,7 @@ class StreamObserver:
         """Take one upstream chunk; return the bytes to send on (possibly empty)."""
         events = self._framer.feed(chunk)
         dropped: list[Event] = []  # strip mode: the usage-only events
+        finishing: list[Event] = []  # strip mode: events whose choice finished
         for event in events:
             data = event.data
             if data is None:
@@ -67,9 +68,12 @@ class StreamObserver:
                 self.content_events += 1
                 if self.first_content_at is None:
                     self.first_content_at = now
+            fin = (self._strip_usage or not self._rule.last) and finishes(data)
+            if fin and self._strip_usage:
+                finishing.append(event)
             if self._rule.ends(data):
                 self.ended = True
-            elif not self._rule.last and finishes(data):
+            elif fin and not self._rule.last:
                 self.finished = True
             if might_hold_usage(data, escaped):
                 if self._opening is None and _MESSAGE_START in data:
@@ -79,7 +83,7 @@ class StreamObserver:
                 if self._strip_usage and _is_usage_only(data, escaped):
                     dropped.append(event)
         if self._strip_usage:
-            return self._strip(chunk, events, dropped)
+            return self._strip(chunk, events, dropped, finishing)
         return chunk
 
     def flush(self) -> bytes:
@@ -107,12 +111,16 @@ class StreamObserver:
             return final
         return {**opening, **{k: v for k, v in (final or {}).items() if v}}
 
-    def _strip(self, chunk: bytes, events: list[Event], dropped: list[Event]) -> bytes:
+    def _strip(self, chunk: bytes, events: list[Event], dropped: list[Event],
+               finishing: list[Event]) -> bytes:
+        """Strip mode's output for one read: the usage-only events dropped, and an event
+        whose choice finished held back until the next (its usage may follow). `dropped`
+        and `finishing` are what `feed` found among `events`."""
         if not events:
             self._pending += chunk
             return b""
-        if len(events) == 1 and not (dropped or self._pending or self._held) \
-                and events[0].end == len(chunk) and not finishes(events[0].data):
+        if len(events) == 1 and not (dropped or finishing or self._pending or self._held) \
+                and events[0].end == len(chunk):
             return chunk  # the common read: one whole token event, passed as it is
         out: list[bytes] = []
         start = 0
@@ -129,7 +137,7 @@ class StreamObserver:
             if self._held is not None:
                 out.append(self._held_raw)
                 self._held, self._held_raw = None, b""
-            if finishes(data):
+            if any(event is f for f in finishing):
                 self._held, self._held_raw = event, raw
             else:
                 out.append(raw)

@@ -111,14 +111,12 @@ class Pool:
         state.in_flight -= 1
         if result is not None:
             state.stats.record(result)
-        if result is None:
-            state.outlier.ended_neutral()
-        elif result.fault:
+        if result is not None and result.fault:
             self._failed(state, result.fault, f"{result.outcome} on a request")
-        elif result.outcome in _ANSWERED:
+        elif result is not None and result.outcome in _ANSWERED:
             if state.outlier.succeeded():
                 log.info("backend %s answered its trial request: back in routing", name)
-        else:
+        else:  # unused, or ended telling nothing of the backend
             state.outlier.ended_neutral()
         if state.removing and state.in_flight == 0:
             self._drop(state)

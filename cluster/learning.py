@@ -15,7 +15,7 @@ backend at the same URL and of the same kind (another server teaches nothing).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 import orjson
@@ -75,7 +75,3 @@ def load_state(state: BackendState, data: bytes | str) -> bool:
         return False
     return True
 
-
-def result_fields(result: RequestResult) -> dict[str, Any]:
-    """The observation as published (for tests and logs)."""
-    return {k: v for k, v in asdict(result).items() if k in _FIELDS}

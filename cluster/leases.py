@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,8 +37,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cluster.channels import subscribe_forever
-
-log = logging.getLogger("sluiceway.cluster")
 
 # KEYS[1] the backend's lease set, KEYS[2] the channel, KEYS[3] its queue (tickets scored
 # by when they joined), KEYS[4] the tickets' expiries, KEYS[5] (optional) a session key;

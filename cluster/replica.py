@@ -159,12 +159,12 @@ class Cluster:
         chars) is recorded with the grant; what the shared table held for that key before
         comes back (None: nothing known)."""
         state = self._pool[name]
+        if self.mode is not Mode.SHARED:
+            return *self._take_locally(state), None
         limit = state.capacity
         stored = None if session is None else (
             sessions.session_key(self.settings.prefix, session[0]),
             sessions.encode(session[1], session[2]), self.settings.session_ttl_s)
-        if self.mode is not Mode.SHARED:
-            return *self._take_locally(state), None
         if limit is None:  # no capacity known: nothing to count, only the session
             return True, None, await self._swap_session(stored) if stored else None
         try:
@@ -196,10 +196,7 @@ class Cluster:
         """The request behind `ticket` waits for one of `backends`, found full here: it
         takes its place in their queues now (not when it first asks Redis)."""
         if self.mode is Mode.SHARED and backends and ticket not in self._joins:
-            task = asyncio.create_task(self._join(backends, ticket))
-            self._joins[ticket] = task
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._joins[ticket] = self._spawn(self._join(backends, ticket))
 
     async def _join(self, backends: list[str], ticket: str) -> None:
         try:
@@ -437,10 +434,12 @@ class Cluster:
             self._pool.invalidate()
             log.info("cluster: started warm: learned state of %s", ", ".join(loaded))
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` in the background; `close` waits for what is still running."""
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
 
 def _safe_url(url: str) -> str:

@@ -42,6 +42,8 @@ class BackendConfig(BaseModel):
     api_key_env: str = ""
     tls_ca_file: str = ""  # PEM bundle that signs an https backend's certificate
     tls_verify: bool = True
+    # backends on one accelerator name the same device (policies/devices.py); "" = its own
+    device: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:/-]*$")] = ""
     # the APIs it serves natively (see API_NAMES); empty: the engine kind's default
     apis: tuple[Literal["chat", "completions", "embeddings", "responses", "messages",
                         "count_tokens"], ...] = ()

@@ -44,6 +44,7 @@ class BackendSnapshot:
     mean_uncached_chars: float | None = None  # the prompts behind the TTFT curve
     draining: bool = False  # taken out of rotation by an operator: finishes, takes nothing
     ejected: bool = False  # failing: out for a backoff, or half-open with its trial out
+    device: str | None = None  # backends that share an accelerator name the same one
 
     @property
     def routable(self) -> bool:

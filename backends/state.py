@@ -116,4 +116,5 @@ class BackendState:
             mean_output_tokens=self.stats.output_tokens.value,
             prefill_chars_per_s=self.stats.prefill_chars_per_s.value,
             mean_uncached_chars=self.stats.uncached_chars.value,
+            device=self.config.device or None,
         )

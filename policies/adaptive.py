@@ -53,6 +53,10 @@ and it is never where the rule sends traffic (a limit of one request there pushe
 proxy's first burst onto whichever backend had been measured; with no limit but counted
 as "within", it drew everything a measured backend could not take).
 
+Shared devices: backends configured with the same `device` are one accelerator; a
+member slower than the device's lead takes only an overflow big enough to pay for the
+sharing, otherwise the request waits for the lead (policies/devices.py).
+
 Session affinity (bounded preference): a request with an affinity key (x-session-id or
 session_id header, prompt_cache_key or user field, else a hash of its first messages)
 goes back to the backend that served its session, as long as that backend is eligible (so
@@ -71,8 +75,8 @@ replicas share it through Redis.
 from __future__ import annotations
 
 from backends.snapshot import BackendSnapshot, PoolSnapshot
-from policies import model
-from policies.base import Decision, PolicyConfig, Route, RouteRequest, eligible
+from policies import devices, model
+from policies.base import Decision, PolicyConfig, Route, RouteRequest, Wait, eligible
 from policies.sessions import Sessions
 
 AFFINITY_SLACK = 3.0  # 2 with the first-order cost; this one charges a busy backend more
@@ -89,6 +93,13 @@ class Adaptive:
         found = eligible(request, snapshot)
         if not isinstance(found, tuple):
             return found
+        prior_rate = model.prior_stream_tok_s(snapshot.backends)
+        held = devices.held_back(request, snapshot, found, prior_rate)
+        if held:
+            found = tuple(b for b in found if b.name not in held)
+            if not found:
+                return Wait(f"{', '.join(sorted(held))} share a device with a faster backend "
+                            "that is full: waiting for its next free slot", hold=True)
         seen = (self.sessions.get(request.affinity_key)
                 if self.sessions is not None and request.affinity_key is not None else None)
         previous, previous_chars = seen if seen is not None else (None, 0)
@@ -102,7 +113,6 @@ class Adaptive:
         within = tuple(b for b in found if b.in_flight < model.explore_limit(b))
         if any(b.throughput_curve for b in within):
             found = within
-        prior_rate = model.prior_stream_tok_s(snapshot.backends)
         prior_ttft = model.prior_ttft_s(snapshot.backends)
         # the session's own backend holds its last prompt; elsewhere all of it is prefilled
         costs = {b.name: cost(b, request, prior_rate, prior_ttft,

@@ -28,6 +28,7 @@ class RouteRequest:
     prompt_chars: int = 0  # size of the body: a cheap stand-in for prompt length
     affinity_key: str | None = None
     exclude: frozenset[str] = frozenset()  # backends already tried for this request
+    waiting: int = 0  # other requests waiting in admission when this one is decided
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +38,12 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Some backend could take it later: queue the request."""
+    """Some backend could take it later: queue the request. `hold`: one has room, but the
+    policy holds the request back from it (policies/devices.py); the answer depends on
+    how many wait, so the queue is asked again as it grows."""
 
     reason: str
+    hold: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,10 @@
 Invariant: after every change to the pool (a release, a health or capacity change) the
 queue is scanned in arrival order and every waiter that fits is admitted. So whatever is
 still queued does not fit the current pool, and a newcomer that fits may go ahead of it
-without breaking first-come-first-served for the backends the waiters need.
+without breaking first-come-first-served for the backends the waiters need. The policy is
+told how many wait besides the request it decides (`waiting`): a backend held back from a
+short queue (a slow member of a shared device, policies/devices.py) may be worth using for
+a long one, and then the queue is asked again, oldest first.
 
 The choice and the in-flight increment happen in one synchronous step on the event loop,
 so two requests can never both take a backend's last slot.
@@ -26,13 +29,13 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from backends.pool import Pool
 from backends.stats import RequestResult
 from cluster.leases import Lease
 from cluster.replica import Cluster
-from policies import NoBackend, Policy, Route, RouteRequest
+from policies import NoBackend, Policy, Route, RouteRequest, Wait
 from policies.sessions import KeepsSessions, Sessions
 from proxy.errors import no_capacity
 
@@ -66,6 +69,7 @@ class Admission:
         self._cluster = cluster
         self._sessions = _sessions(policy)
         self._waiters: deque[_Waiter] = deque()
+        self._held = False  # the last decisions held a waiter back from a backend with room
         pool.subscribe(self._dispatch)
 
     def configure(self, policy: Policy, queue_size: int, timeout_s: float) -> None:
@@ -152,13 +156,19 @@ class Admission:
                        on_wait: Callable[[], None] | None = None) -> str:
         """A local slot: now, or after waiting in the queue (at its head with `ahead`);
         `on_wait` is called when it starts to wait."""
-        if not ahead:
-            decision = self._policy.choose(request, self._pool.snapshot())
+        # While the policy holds waiters back from a backend with room, a newcomer joins the
+        # queue before anything is decided: the longer queue may be worth that backend now,
+        # and then it goes to the oldest waiter first.
+        queue_first = self._held and 0 < len(self._waiters) < self._queue_size
+        if not ahead and not queue_first:
+            asked = replace(request, waiting=len(self._waiters)) if self._waiters else request
+            decision = self._policy.choose(asked, self._pool.snapshot())
             if isinstance(decision, Route):
                 self._pool.acquire(decision.backend)
                 return decision.backend
             if isinstance(decision, NoBackend):
                 raise no_capacity(decision.reason, RETRY_AFTER_S)
+            self._held = self._held or decision.hold
         if len(self._waiters) >= self._queue_size and not ahead:
             raise no_capacity("the admission queue is full", RETRY_AFTER_S)
         waiter = _Waiter(request)
@@ -169,6 +179,8 @@ class Admission:
             self._waiters.append(waiter)
             if on_wait is not None:
                 on_wait()
+            if self._held:
+                self._dispatch()
         try:
             async with asyncio.timeout_at(deadline):
                 return await waiter.future
@@ -194,11 +206,15 @@ class Admission:
     def _dispatch(self) -> None:
         """Admit, in arrival order, every waiter that fits the pool as it is now."""
         if not self._waiters:
+            self._held = False
             return
+        held = False
         still_waiting: deque[_Waiter] = deque()
         # Admitting only removes room, so once a (model, exclude) pair had to wait in this
         # pass, every later waiter with the same pair must wait too: no need to ask again.
+        # (A hold depends on how many wait besides the waiter: fewer for each later one.)
         blocked: set[tuple[str, frozenset[str]]] = set()
+        remaining = sum(not waiter.future.done() for waiter in self._waiters)
         for waiter in self._waiters:
             if waiter.future.done():
                 continue
@@ -206,16 +222,21 @@ class Admission:
             if key in blocked:
                 still_waiting.append(waiter)
                 continue
-            decision = self._policy.choose(waiter.request, self._pool.snapshot())
+            request = replace(waiter.request, waiting=remaining - 1)
+            decision = self._policy.choose(request, self._pool.snapshot())
+            if not isinstance(decision, Wait):
+                remaining -= 1
             if isinstance(decision, Route):
                 self._pool.acquire(decision.backend)
                 waiter.future.set_result(decision.backend)
             elif isinstance(decision, NoBackend):
                 waiter.future.set_exception(no_capacity(decision.reason, RETRY_AFTER_S))
             else:
+                held = held or decision.hold
                 blocked.add(key)
                 still_waiting.append(waiter)
         self._waiters = still_waiting
+        self._held = held
 
 
 def _sessions(policy: Policy) -> Sessions | None:

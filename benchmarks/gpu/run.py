@@ -58,6 +58,9 @@ from tests.realllama.model import Shape, write_model
 MODEL = "random-llama"  # the name clients ask the pool for
 ENGINES = ("llama-server", "transformers")
 POLICIES = ("round_robin", "least_loaded", "adaptive")
+# the pool as deployed on one GPU declares it (`device`, policies/devices.py); this target
+# leaves it out: adaptive treating the two engines as independent, for comparison
+UNSHARED = "adaptive-no-device"
 SHARED_PREFIX = "beside the other: "  # labels of the both-engines-at-once run
 GGUF_SHAPE = Shape(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192,
                    n_ctx_train=4096, seed=20261203)
@@ -161,19 +164,23 @@ def start_emulator(stack: Stack) -> str:
     return url
 
 
-def proxy_config(llama: str, batching: str, batching_model: str, policy: str) -> str:
+def proxy_config(llama: str, batching: str, batching_model: str, policy: str,
+                 device: str = "gpu0") -> str:
+    """Both engines run on one GPU, and the pool says so (`device`; "" leaves it out)."""
     return proxy_head(policy) + f"""[[backends]]
 name = "llama-server"
 kind = "llamacpp"
 url = "{llama}"
 models = ["{MODEL}"]
 served_model = "{MODEL}"
+device = "{device}"
 [[backends]]
 name = "transformers"
 kind = "openai"       # transformers serve: no load metrics to read
 url = "{batching}"
 models = ["{MODEL}"]
 served_model = "{batching_model}"
+device = "{device}"
 max_concurrency = 256  # above every level swept: never the bound
 apis = ["chat", "completions"]
 """
@@ -271,9 +278,10 @@ def run_targets(args: argparse.Namespace, work: Path,
     """Every target in turn; `checkpoint` gets the results so far after each one (a run
     cut short by a time limit still leaves what it measured)."""
     targets = [t for t in args.targets.split(",") if t]
-    unknown = set(targets) - set(ENGINES) - set(POLICIES) - {"shared"}
+    known = (*ENGINES, *POLICIES, UNSHARED, "shared")
+    unknown = set(targets) - set(known)
     if unknown:
-        raise SystemExit(f"unknown --targets {sorted(unknown)}: of {ENGINES + POLICIES}")
+        raise SystemExit(f"unknown --targets {sorted(unknown)}: of {known}")
     cache: Path = args.cache
     cache.mkdir(parents=True, exist_ok=True)
     gpu = not args.dry_run
@@ -314,7 +322,8 @@ def run_targets(args: argparse.Namespace, work: Path,
                 results += shared(llama, batching, repo_id, args, work)
             else:
                 config = work / f"sluiceway-{target}.toml"
-                config.write_text(proxy_config(llama, batching, repo_id, target))
+                policy, device = ("adaptive", "") if target == UNSHARED else (target, "gpu0")
+                config.write_text(proxy_config(llama, batching, repo_id, policy, device))
                 port = free_port()
                 proc = stack.start(f"sluiceway-{target}", [
                     sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
@@ -328,7 +337,8 @@ def run_targets(args: argparse.Namespace, work: Path,
             checkpoint(results)
     except (subprocess.CalledProcessError, RuntimeError) as exc:
         log(f"failed: {exc}")
-        for name in ("llama-server", "transformers", *(f"sluiceway-{p}" for p in POLICIES)):
+        for name in ("llama-server", "transformers",
+                     *(f"sluiceway-{p}" for p in (*POLICIES, UNSHARED))):
             if (work / f"{name}.log").is_file():
                 log(f"--- {name}.log (tail)\n{stack.tail(name)}")
         raise

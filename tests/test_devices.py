@@ -1,0 +1,177 @@
+"""Backends on one accelerator (policies/devices.py): adaptive keeps a slower member idle
+until the overflow is big enough to pay for sharing the device.
+
+Curves are the H200 measurements (docs/benchmarks.md): llama-server 4 slots, 653 / 937 /
+1,316 tok/s at 1 / 2 / 4 streams; transformers serve as a calibrated proxy first knows it,
+89 tok/s at one stream, then the batching shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+
+import pytest
+
+from backends.config import BackendConfig
+from backends.pool import Pool
+from backends.snapshot import BackendSnapshot, Health, PoolSnapshot
+from backends.stats import RequestResult
+from policies import POLICIES, NoBackend, PolicyConfig, Route, RouteRequest, Wait
+from policies.base import Decision, eligible
+from proxy.admission import Admission
+
+LLAMA = {1: 653, 2: 937, 4: 1316}
+TF = {1: 89}
+REQ = RouteRequest(endpoint="chat", model="m", max_tokens=128)
+
+
+def member(name: str, index: int, in_flight: int, curve: dict[int, float], kind: str,
+           capacity: int | None, device: str | None = "gpu0",
+           health: Health = Health.HEALTHY) -> BackendSnapshot:
+    return BackendSnapshot(
+        name=name, index=index, kind=kind, health=health, capacity=capacity,
+        in_flight=in_flight, models=frozenset({"m"}), ttft_s=None, decode_tok_s=None,
+        upstream_running=None, upstream_waiting=None,
+        throughput_curve=tuple(sorted(curve.items())), ttft_curve=((1, 0.02),),
+        mean_output_tokens=128.0, device=device,
+    )
+
+
+def choose(llama_in_flight: int, tf_in_flight: int, waiting: int,
+           tf_curve: dict[int, float] = TF, device: str | None = "gpu0",
+           llama_health: Health = Health.HEALTHY) -> Decision:
+    snapshot = PoolSnapshot((
+        member("llama", 0, llama_in_flight, LLAMA, "llamacpp", 4, device, llama_health),
+        member("tf", 1, tf_in_flight, tf_curve, "openai", None, device),
+    ))
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0), affinity=False))
+    return policy.choose(replace(REQ, waiting=waiting), snapshot)
+
+
+def test_the_lead_takes_what_it_has_room_for() -> None:
+    assert choose(0, 0, 0) == Route("llama")
+    assert choose(1, 0, 0) == Route("llama")
+    assert choose(3, 0, 0) == Route("llama")
+
+
+@pytest.mark.parametrize("clients", [8, 16, 32])
+def test_a_small_overflow_waits_for_the_lead(clients: int) -> None:
+    waiting = clients - 4 - 1  # the lead's 4 slots full, this request and the rest waiting
+    decision = choose(4, 0, waiting)
+    assert isinstance(decision, Wait) and decision.hold
+    assert choose(4, 0, waiting, device=None) == Route("tf")  # spilled when independent
+
+
+def test_an_overflow_big_enough_to_beat_the_lead_alone_spills() -> None:
+    # 64 clients: 60 for the batching engine, whose shape from 89 tok/s at one stream
+    # reaches 1,713 tok/s at 60, above llama-server's 1,316 at its 4 slots
+    assert choose(4, 0, 59) == Route("tf")
+    assert choose(4, 1, 58) == Route("tf")  # the next in the same pass
+
+
+def test_a_member_already_sharing_keeps_its_share_below_the_lead_figure() -> None:
+    beside = {1: 89, 40: 1100}  # learned beside llama-server: lower than alone
+    assert choose(4, 40, 0, tf_curve=beside) == Route("tf")  # 1,100+ >= 0.75 x 1,316
+    decision = choose(4, 0, 0, tf_curve=beside)  # not sharing yet: the full bar
+    assert isinstance(decision, Wait) and decision.hold
+
+
+def test_a_lead_that_is_down_holds_nothing_back() -> None:
+    assert choose(0, 0, 0, llama_health=Health.DOWN) == Route("tf")
+
+
+def test_separate_devices_are_independent() -> None:
+    snapshot = PoolSnapshot((
+        member("llama", 0, 4, LLAMA, "llamacpp", 4, "gpu0"),
+        member("tf", 1, 0, TF, "openai", None, "gpu1"),
+    ))
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0), affinity=False))
+    assert policy.choose(REQ, snapshot) == Route("tf")
+
+
+class HoldUntil:
+    """A policy with the shape of the device rule, for admission tests: `a` while it has
+    room, else `b` once it would run `threshold` requests (its own, every waiting one and
+    this one), else hold."""
+
+    name = "hold-until"
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.routed: list[tuple[int, str]] = []  # (request's prompt_chars, backend)
+
+    def choose(self, request: RouteRequest, snapshot: PoolSnapshot) -> Decision:
+        found = eligible(request, snapshot)
+        if not isinstance(found, tuple):
+            return found
+        room = {b.name: b for b in found}
+        if "a" in room:
+            self.routed.append((request.prompt_chars, "a"))
+            return Route("a")
+        if room["b"].in_flight + request.waiting + 1 >= self.threshold:
+            self.routed.append((request.prompt_chars, "b"))
+            return Route("b")
+        return Wait("held for a", hold=True)
+
+
+def test_held_waiters_go_in_arrival_order_when_the_queue_is_long_enough() -> None:
+    async def main() -> None:
+        pool = Pool(BackendConfig(name=n, url=f"http://127.0.0.1:{9000 + i}", models=("m",),
+                                  max_concurrency=c) for i, (n, c) in enumerate(
+                                      {"a": 1, "b": 8}.items()))
+        policy = HoldUntil(3)
+        admission = Admission(pool, policy, queue_size=8, timeout_s=5)
+        assert (await admission.admit(REQ)).backend == "a"
+        got: dict[int, str] = {}
+
+        async def admit(i: int) -> None:
+            got[i] = (await admission.admit(replace(REQ, prompt_chars=i))).backend
+
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(admit(i)))
+            await asyncio.sleep(0.01)
+            if i < 2:
+                assert admission.depth == i + 1 and not got  # held: a is full, b too few
+        # the third made three: all of them to b, the oldest first (decided alone, the
+        # newcomer would have gone to b and left the two before it waiting for a); the
+        # fourth finds b running three and goes there at once
+        assert got == {0: "b", 1: "b", 2: "b", 3: "b"} and admission.depth == 0
+        assert policy.routed == [(0, "a"), (0, "b"), (1, "b"), (2, "b"), (3, "b")]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_a_hold_that_never_fills_waits_for_the_lead_in_order() -> None:
+    async def main() -> None:
+        pool = Pool(BackendConfig(name=n, url=f"http://127.0.0.1:{9000 + i}", models=("m",),
+                                  max_concurrency=c) for i, (n, c) in enumerate(
+                                      {"a": 1, "b": 8}.items()))
+        policy = HoldUntil(5)
+        admission = Admission(pool, policy, queue_size=8, timeout_s=5)
+        assert (await admission.admit(REQ)).backend == "a"
+
+        async def admit(i: int) -> None:
+            await admission.admit(replace(REQ, prompt_chars=i + 1))
+
+        tasks = [asyncio.create_task(admit(i)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert admission.depth == 3 and pool["b"].in_flight == 0
+        for _ in range(3):
+            pool.release("a", RequestResult("ok"))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert policy.routed == [(0, "a"), (1, "a"), (2, "a"), (3, "a")]
+        assert pool["b"].in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_no_policy_decision_leaves_nothing_for_a_group_of_one() -> None:
+    snapshot = PoolSnapshot((member("llama", 0, 4, LLAMA, "llamacpp", 4),))
+    decision = POLICIES["adaptive"](PolicyConfig(random.Random(0))).choose(REQ, snapshot)
+    assert isinstance(decision, Wait) and not decision.hold
+    assert not isinstance(decision, NoBackend)

@@ -6,21 +6,27 @@ streams in its slots and 4 waiting; the same 4 streams beside 4 on `transformers
 made 322 tok/s (+ 283 from transformers), because every batch of one engine waits for the
 other's kernels. So the per-request cost that ranks independent backends (adaptive) is
 wrong here: it sends llama-server's overflow to the batching engine, whose first few
-streams cost the device far more than they add. Only a big batch pays for the sharing:
-with 60 streams on transformers beside llama-server's 4 the device made 1,697 tok/s,
-above either engine alone (1,250 and 1,363).
+streams cost the device far more than they add (the pool at 0.38x llama-server alone at 8
+concurrent, 0.79x at 16). Only a big batch pays for the sharing: with 28 streams on
+transformers beside llama-server's 4 the device made 1,645 tok/s, above either engine
+alone (1,230-1,380 and 1,263).
 
 The rule, for backends configured with the same `device`:
 - the lead is the member fastest at one stream (its learned curve; the kind's shape
   before that), among those that could serve the request at all;
 - another member takes a request only when, given everything waiting for the device
   besides what the lead holds (its own streams, every request queued in admission and this
-  one), its curve reaches what the lead makes at its capacity. Until then the request
-  waits for the lead's next free slot (`Wait(hold=True)`), in arrival order.
-- Once a member runs streams, the cost of sharing is being paid already: it keeps taking
-  requests while its curve reaches KEEP of the lead's figure, so a curve learned beside
-  the lead (lower than alone) does not flip it back and forth.
-A lead that is down, draining, full of failures or not serving the model holds nothing back.
+  one), its curve reaches BAR of what the lead makes at its capacity. Until then the
+  request waits for the lead's next free slot (`Wait(hold=True)`), in arrival order.
+  Why BAR = 0.7: sharing the H200, llama-server kept 43-49% of its rate beside a batch of
+  16-60 streams and transformers 70-83% of its own, so the device makes more shared than
+  the lead alone (L) once 0.45 L + 0.8 T > L, i.e. T > 0.7 L. With the measured curves
+  that holds at 28 and 60 streams of overflow (32 and 64 clients) and not at 4 or 12
+  (8 and 16 clients), which is where sharing won and lost in the measurements.
+- Once a member runs streams, the cost of sharing is being paid already, and its curve is
+  learned beside the lead (lower than alone): it keeps taking requests while its curve
+  reaches KEEP x BAR of the lead's figure, so it does not flip back and forth.
+A lead that is down, draining, ejected or not serving the model holds nothing back.
 
 Only `adaptive` applies it: round_robin and least_loaded are baselines that ignore load
 shape by design.
@@ -34,7 +40,8 @@ from backends.snapshot import BackendSnapshot, PoolSnapshot
 from policies import model
 from policies.base import RouteRequest
 
-KEEP = 0.75  # of the lead's rate, for a member already sharing the device
+BAR = 0.7  # of the lead's rate at its capacity, for the overflow to be worth sharing
+KEEP = 0.75  # of BAR, for a member already sharing the device
 
 
 def lead_of(members: Sequence[BackendSnapshot], prior_rate: float) -> BackendSnapshot:
@@ -64,7 +71,7 @@ def held_back(request: RouteRequest, snapshot: PoolSnapshot,
             lead_rate = model.aggregate_tok_s(lead, lead.in_flight + request.waiting + 1,
                                               prior_rate)
             excess = c.in_flight + 1
-        bar = lead_rate * (KEEP if c.in_flight else 1.0)
+        bar = lead_rate * BAR * (KEEP if c.in_flight else 1.0)
         if model.aggregate_tok_s(c, excess, prior_rate) < bar:
             held.add(c.name)
     return frozenset(held)

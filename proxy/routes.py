@@ -88,6 +88,7 @@ def backend_view(s: BackendState) -> dict[str, Any]:
         "url": s.config.base_url,
         "models": list(s.models),
         "served_model": s.served_model,
+        "device": s.config.device or None,
         "health": s.health.value,
         "health_detail": s.health_detail,
         "draining": s.draining,

@@ -19,7 +19,9 @@ once `make gpu-carry` has fetched `.carry/`):
    software versions), `gpu.png` and `gpu.md` (the table with each pool's ratio to the
    best single engine at each level) under `--out`.
 
-`--targets shared` also loads both engines at once, each by its own client
+The pool's config declares that both engines share the GPU (`device = "gpu0"`, see
+policies/devices.py); `--targets adaptive-no-device` runs `adaptive` without it, for
+comparison. `--targets shared` also loads both engines at once, each by its own client
 (`--shared-levels`): what each delivers while the other works on the same GPU.
 `--targets` runs a subset (the device lends 10 minutes per command: run the engines in
 one call, the pools in the next, and `--merge` the first call's gpu.json into the

@@ -25,6 +25,7 @@ class BackendView(BaseModel):
     url: str
     models: list[str]
     served_model: str | None
+    device: str | None  # backends sharing an accelerator name the same one
     health: str
     health_detail: str
     draining: bool

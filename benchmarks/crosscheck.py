@@ -12,7 +12,9 @@ warm-up) is measured by:
   the reference whose definitions `sluiceway bench` claims;
 - AIPerf (`aiperf profile`, NVIDIA's successor to genai-perf), installed from PyPI in its
   own venv under the cache directory, with `--use-server-token-count` so that it counts
-  tokens as the server reports them, as the other two do.
+  tokens as the server reports them, as the other two do;
+- GuideLLM (`guidellm run`, vLLM's project's load tester), likewise in its own venv; it
+  runs offline here given the local tokenizer directory.
 
 on three servers: an emulated vLLM (`sluiceway emulate`), the real llama-server of the test
 suite, and a server that writes its JSON spaced as Python's `json.dumps` does
@@ -24,6 +26,10 @@ filled (a tool's own random prompts with a fixed seed repeat from run to run, an
 llama-server and vLLM then serve them from cache). The external tools read the random
 test model's tokenizer (made locally by tests/realvllm/model.py); nothing is downloaded
 at run time.
+
+Servers run on the first CPU and the tools on the others (`--no-pin` shares them): on a
+small machine a tool that needs more CPU than it has then shows as its own ceiling rather
+than by slowing the server every tool measures.
 
 One table: output tok/s, requests/s, TTFT mean and p99, TPOT mean, ITL mean per server,
 level and tool, and sluiceway's ratio to each other tool on every figure.
@@ -55,6 +61,7 @@ from tests.realvllm import server as vllm_server  # noqa: E402
 from tests.realvllm.build import install as install_vllm  # noqa: E402
 
 AIPERF_VERSION = "0.13.0"
+GUIDELLM_VERSION = "0.8.1"
 MODEL = vllm_server.MODEL_NAME  # every server answers to this name
 INPUT_LEN, OUTPUT_LEN = 128, 64
 FIGURES = ("out_tok_s", "req_s", "ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "itl_mean_ms")
@@ -66,10 +73,11 @@ def requests_for(level: int) -> int:
     return max(32, 4 * level)
 
 
-def install_aiperf() -> Path:
-    """AIPerf in its own venv, once per machine (under a lock); returns its `aiperf`."""
-    root = cache_root() / "crosscheck" / f"aiperf-{AIPERF_VERSION}"
-    exe = root / "venv" / "bin" / "aiperf"
+def install_tool(package: str, version: str, exe_name: str) -> Path:
+    """An independent tool in its own venv, once per machine (under a lock); returns its
+    executable."""
+    root = cache_root() / "crosscheck" / f"{package}-{version}"
+    exe = root / "venv" / "bin" / exe_name
     root.mkdir(parents=True, exist_ok=True)
     with (root / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -78,20 +86,30 @@ def install_aiperf() -> Path:
             with log.open("wb") as out:
                 for cmd in ([sys.executable, "-m", "venv", "--clear", str(root / "venv")],
                             [str(root / "venv" / "bin" / "python"), "-m", "pip", "install",
-                             "--progress-bar", "off", f"aiperf=={AIPERF_VERSION}"]):
+                             "--progress-bar", "off", f"{package}=={version}"]):
                     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
                     if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode:
                         tail = log.read_text(errors="replace").splitlines()[-30:]
-                        raise RuntimeError("aiperf install failed:\n" + "\n".join(tail))
-            (root / ".installed").write_text(AIPERF_VERSION + "\n")
+                        raise RuntimeError(f"{package} install failed:\n" + "\n".join(tail))
+            (root / ".installed").write_text(version + "\n")
     return exe
 
 
-class Servers:
-    """The servers under test, each started on a free port and always stopped."""
+def install_aiperf() -> Path:
+    return install_tool("aiperf", AIPERF_VERSION, "aiperf")
 
-    def __init__(self, workdir: Path) -> None:
+
+def install_guidellm() -> Path:
+    return install_tool("guidellm", GUIDELLM_VERSION, "guidellm")
+
+
+class Servers:
+    """The servers under test, each started on a free port (on `cpus`) and always
+    stopped."""
+
+    def __init__(self, workdir: Path, cpus: set[int]) -> None:
         self.workdir = workdir
+        self.cpus = cpus
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, command: Callable[[int], list[str]],
@@ -100,7 +118,8 @@ class Servers:
         cmd = command(port)
         log = (self.workdir / f"{name}-{port}.log").open("wb")
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: os.sched_setaffinity(0, self.cpus))
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc, timeout_s=timeout_s)
@@ -231,10 +250,30 @@ def aiperf(url: str, level: int, work: Path, tokenizer: Path) -> dict[str, float
     return _aiperf_keys(json.loads(found[-1].read_text()))
 
 
+def guidellm(url: str, level: int, work: Path, tokenizer: Path) -> dict[str, float]:
+    exe = install_guidellm()
+    out = work / f"guidellm-{level}.json"
+    prompts = prompts_file(work / f"guidellm-{level}.jsonl", requests_for(level))
+    # each line also says how many tokens to ask for: GuideLLM then sends max_tokens and
+    # ignore_eos, as the other tools are told to
+    prompts.write_text("".join(
+        json.dumps({**json.loads(line), "output_tokens_count": OUTPUT_LEN}) + "\n"
+        for line in prompts.read_text().splitlines()))
+    run([str(exe), "run", "--backend", f"kind=openai_http,target={url},model={MODEL}",
+         "--profile", f"kind=concurrent,streams={level}",
+         "--constraint", f"kind=max_requests,count={requests_for(level)}",
+         "--data", f"kind=json_file,path={prompts}",
+         "--tokenizer", f"kind=hf_auto,model={tokenizer}",
+         "--output", f"kind=json,path={out}", "--disable-progress"],
+        work / "guidellm.log")
+    return _guidellm_keys(json.loads(out.read_text()))
+
+
 TOOLS: dict[str, Callable[[str, int, Path, Path], dict[str, float]]] = {
     "sluiceway bench": sluiceway,
     "vllm bench serve": vllm_bench,
     "aiperf": aiperf,
+    "guidellm": guidellm,
 }
 
 
@@ -257,6 +296,29 @@ def _aiperf_keys(r: dict[str, Any]) -> dict[str, float]:
             "tpot_mean_ms": stat("inter_token_latency"),
             "itl_mean_ms": stat("inter_chunk_latency"),
             "completed": stat("request_count"), "failed": stat("error_request_count")}
+
+
+def _guidellm_keys(report: dict[str, Any]) -> dict[str, float]:
+    """GuideLLM's figures under vLLM's names. Its output tokens/s and requests/s "mean" are
+    time-weighted over the run, so the whole-run rate (total / duration, as vLLM's). Its
+    `time_per_output_token_ms` divides the whole latency, TTFT included, by the tokens;
+    its `inter_token_latency_ms`, (latency - TTFT) / (tokens - 1), is what vLLM calls
+    TPOT, so that goes in both the TPOT and the ITL columns."""
+    m = report["benchmarks"][-1]["metrics"]
+
+    def ok(name: str) -> dict[str, Any]:
+        value: dict[str, Any] = m[name]["successful"]
+        return value
+
+    totals = m["request_totals"]
+    return {"out_tok_s": ok("output_tokens_per_second")["mean"],
+            "req_s": ok("requests_per_second")["mean"],
+            "ttft_mean_ms": ok("time_to_first_token_ms")["mean"],
+            "ttft_p99_ms": ok("time_to_first_token_ms")["percentiles"]["p99"],
+            "tpot_mean_ms": ok("inter_token_latency_ms")["mean"],
+            "itl_mean_ms": ok("inter_token_latency_ms")["mean"],
+            "completed": float(totals["successful"]),
+            "failed": float(totals["errored"] + totals["incomplete"])}
 
 
 def table(results: dict[str, dict[int, dict[str, dict[str, float]]]]) -> str:
@@ -289,6 +351,21 @@ def _ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.3f}" if theirs else "-"
 
 
+def pin(pinned: bool) -> set[int]:
+    """Pinned (the default with 2+ CPUs), the server under test gets the first CPU and this
+    process, so every tool it starts, the others: a tool that needs more CPU than it has
+    then shows as its own ceiling instead of taking CPU from the server (unpinned on 2
+    cores, the tools disagreed by 5-18% at 32 concurrent on the fast servers). Returns the
+    servers' CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pinned or len(cpus) < 2:
+        print(f"servers and tools share CPUs {cpus}", file=sys.stderr)
+        return set(cpus)
+    os.sched_setaffinity(0, set(cpus[1:]))
+    print(f"servers on CPU {cpus[0]}, tools on CPUs {cpus[1:]}", file=sys.stderr)
+    return {cpus[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -296,7 +373,10 @@ def main() -> None:
     parser.add_argument("--servers", default="all", help=", ".join(SERVERS))
     parser.add_argument("--tools", default="all", help=", ".join(TOOLS))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let servers and tools share every CPU (see pin())")
     args = parser.parse_args()
+    server_cpus = pin(not args.no_pin)
     levels = [int(x) for x in args.levels.split(",")]
     servers = SERVERS if args.servers == "all" else {
         k: SERVERS[k] for k in args.servers.split(",")}
@@ -304,11 +384,13 @@ def main() -> None:
     tokenizer = install_vllm().model  # the random test model's tokenizer, made locally
     if "aiperf" in tools:
         install_aiperf()
+    if "guidellm" in tools:
+        install_guidellm()
     work = Path(tempfile.mkdtemp(prefix="sluiceway-crosscheck-"))
     print(f"logs and raw results: {work}", file=sys.stderr)
     results: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
     for server, start in servers.items():
-        fleet = Servers(work)
+        fleet = Servers(work, server_cpus)
         try:
             url = start(fleet)
             place = work / server.replace(" ", "-")

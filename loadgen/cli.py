@@ -23,7 +23,7 @@ from loadgen.runner import (
     open_loop,
 )
 from loadgen.summary import Goodput
-from loadgen.workload import Workload, read_prompts
+from loadgen.workload import Span, Workload, read_prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--turns", type=int, default=6)
     agent.add_argument("--prefix-tokens", type=int, default=2000,
                        help="stable shared prefix (system prompt) of every conversation")
+    agent.add_argument("--opening-tokens", type=_span, metavar="N|A-B",
+                       help="the first turn's context (files, the task), e.g. 20000-30000")
+    agent.add_argument("--turn-tokens", type=_span, metavar="N|A-B",
+                       help="what each later turn adds (tool results), e.g. 1000-3000 "
+                            "(default: --input-len / --turns)")
+    agent.add_argument("--reply-tokens", type=_span, metavar="N|A-B",
+                       help="max_tokens per turn, e.g. 50-500 (default: --output-len)")
+    agent.add_argument("--tool-time-s", type=float, default=0.0, metavar="S",
+                       help="each agent waits 0..S s (uniform) between turns")
     agent.add_argument("--no-session-header", action="store_true",
                        help="do not send x-session-id (to compare without affinity)")
     out = parser.add_argument_group("output")
@@ -74,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", type=Path, metavar="PATH", help="PNG of tok/s and TTFT")
     out.add_argument("--html", type=Path, metavar="PATH")
     out.add_argument("--no-progress", action="store_true")
+
+
+def _span(text: str) -> Span:
+    try:
+        return Span.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_targets(urls: list[str], file: Path | None, model: str | None) -> list[Target]:
@@ -146,7 +162,9 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 target, workload, args.conversations, args.turns,
                 prefix_tokens=args.prefix_tokens, timeout_s=args.timeout_s, seed=args.seed,
                 show_progress=not args.no_progress,
-                session_header=not args.no_session_header)))
+                session_header=not args.no_session_header,
+                first_turn_tokens=args.opening_tokens, turn_tokens=args.turn_tokens,
+                reply_tokens=args.reply_tokens, think_s=args.tool_time_s)))
         elif args.rate:
             levels.append(asyncio.run(open_loop(
                 target, workload, args.rate, requests=args.requests or 200,

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from loadgen.runner import LevelResult
-from loadgen.summary import Goodput, by_backend, summarize
+from loadgen.summary import Goodput, by_backend, percentile, summarize
 
 CSV_FIELDS = (
     "label", "max_concurrency", "request_rate", "completed", "failed", "duration",
@@ -66,13 +66,18 @@ def agent_summary(level: LevelResult) -> dict[str, Any]:
         if r.ok and r.ttft is not None:
             turns.setdefault(r.turn, []).append(r.ttft * 1000)
     per_turn = {t: sum(v) / len(v) for t, v in sorted(turns.items())}
-    later = [v for t, vs in turns.items() if t > 0 for v in vs]
+    later = sorted(v for t, vs in turns.items() if t > 0 for v in vs)
     return {
         "conversations": level.concurrency,
         "turns": level.extra["turns"],
         "prefix_tokens": level.extra["prefix_tokens"],
+        **{key: level.extra.get(key) for key in ("first_turn_tokens", "turn_tokens",
+                                                 "reply_tokens", "think_s")},
         "mean_ttft_ms_per_turn": per_turn,
+        "mean_ttft_ms_first_turn": per_turn.get(0, 0.0),
         "mean_ttft_ms_later_turns": sum(later) / len(later) if later else 0.0,
+        "p50_ttft_ms_later_turns": percentile(later, 50) if later else 0.0,
+        "p99_ttft_ms_later_turns": percentile(later, 99) if later else 0.0,
     }
 
 
@@ -142,9 +147,12 @@ def console(results: list[dict[str, Any]], scale: float = 1.0) -> str:
                          f"are estimated {how}")
     for r in results:
         if r.get("agent"):
-            turns = r["agent"]["mean_ttft_ms_per_turn"]
+            agent = r["agent"]
             parts.append(f"agent TTFT per turn, {r['label']}: " + ", ".join(
-                f"t{t}={v * scale:,.0f} ms" for t, v in turns.items()))
+                f"t{t}={v * scale:,.0f} ms" for t, v in agent["mean_ttft_ms_per_turn"].items())
+                + f"; turns 2+: mean {agent['mean_ttft_ms_later_turns'] * scale:,.0f}, "
+                f"p50 {agent['p50_ttft_ms_later_turns'] * scale:,.0f}, "
+                f"p99 {agent['p99_ttft_ms_later_turns'] * scale:,.0f} ms")
     return "\n\n".join(parts)
 
 

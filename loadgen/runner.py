@@ -22,7 +22,7 @@ import aiohttp
 from loadgen.client import send
 from loadgen.record import RequestRecord
 from loadgen.tokens import TokenCounter
-from loadgen.workload import RUN_NONCE, Conversation, Workload, words
+from loadgen.workload import RUN_NONCE, Conversation, Span, Workload, words
 
 
 @dataclass(frozen=True)
@@ -176,16 +176,18 @@ async def open_loop(
 async def agent_sessions(
     target: Target, workload: Workload, conversations: int, turns: int, *,
     prefix_tokens: int, timeout_s: float, seed: int = 0, show_progress: bool = True,
-    session_header: bool = True, first_turn_tokens: int | None = None,
-    think_s: float = 0.0,
+    session_header: bool = True, first_turn_tokens: int | Span | None = None,
+    think_s: float = 0.0, turn_tokens: Span | None = None, reply_tokens: Span | None = None,
 ) -> LevelResult:
     """`conversations` agents at once, each `turns` requests long: a stable shared prefix
     (system prompt), then a user message and the model's reply appended per turn, with an
-    `x-session-id` header, as coding agents do. Each user message has
-    `workload.input_len / turns` words, the first one `first_turn_tokens` if given (an
-    agent's opening context: files, a task description). Between turns each agent waits a
-    uniform random 0..`think_s` seconds (running its tools), so turns arrive in no fixed
-    order. Reports TTFT per turn."""
+    `x-session-id` header, as coding agents do. Each user message has `turn_tokens` words
+    (drawn per turn; default `workload.input_len / turns`: tool results, a follow-up), the
+    first one `first_turn_tokens` if given (an agent's opening context: files, a task
+    description). Each request asks for `reply_tokens` (drawn per turn; default
+    `workload.output_len`). Between turns each agent waits a uniform random 0..`think_s`
+    seconds (running its tools), so turns arrive in no fixed order. Reports TTFT per
+    turn."""
     rng = random.Random(seed)
     # unique to this run, so a server's cache from an earlier run cannot serve it
     shared = f"session {RUN_NONCE}: " + words(prefix_tokens, random.Random(12345))
@@ -194,7 +196,10 @@ async def agent_sessions(
     records: list[RequestRecord] = []
     progress = Progress(f"{target.name} agents={conversations}", conversations * turns,
                         show_progress)
-    per_turn_words = max(1, workload.input_len // max(turns, 1))
+    growth = turn_tokens or Span(*(2 * [max(1, workload.input_len // max(turns, 1))]))
+    opening = (Span(first_turn_tokens, first_turn_tokens)
+               if isinstance(first_turn_tokens, int) and first_turn_tokens else
+               first_turn_tokens or None)
     async with _session(conversations) as session:
         started = perf_counter()
 
@@ -202,11 +207,12 @@ async def agent_sessions(
             conv = Conversation.start(index, shared)
             headers = _headers({"x-session-id": conv.session_id} if session_header else None)
             for turn in range(turns):
-                size = first_turn_tokens if turn == 0 and first_turn_tokens else per_turn_words
+                size = (opening if turn == 0 and opening else growth).draw(rng)
                 messages = conv.ask(f"task {index}.{turn}: " + words(size, rng))
+                reply = reply_tokens.draw(rng) if reply_tokens else None
                 record = RequestRecord(arrival=perf_counter(), turn=turn, text=[])
-                await send(session, url, workload.body_for(None, messages), headers, record,
-                           timeout_s, counter)
+                await send(session, url, workload.body_for(None, messages, reply), headers,
+                           record, timeout_s, counter)
                 records.append(record)
                 progress.add(record)
                 if not record.ok:
@@ -219,7 +225,10 @@ async def agent_sessions(
         duration = perf_counter() - started
     return LevelResult(target, workload, conversations, None, records, duration, started,
                        extra={"turns": turns, "prefix_tokens": prefix_tokens,
-                              "first_turn_tokens": first_turn_tokens, "think_s": think_s})
+                              "first_turn_tokens": str(opening) if opening else None,
+                              "turn_tokens": str(growth),
+                              "reply_tokens": str(reply_tokens or workload.output_len),
+                              "think_s": think_s})
 
 
 async def discover_model(url: str) -> str:

@@ -28,6 +28,31 @@ def words(n: int, rng: random.Random) -> str:
 
 
 @dataclass(frozen=True)
+class Span:
+    """A size drawn per request, uniformly from low..high inclusive ("500" or "50-500")."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str) -> Span:
+        low, _, high = text.partition("-")
+        try:
+            span = cls(int(low), int(high or low))
+        except ValueError:
+            raise ValueError(f"not a size or a range A-B: {text!r}") from None
+        if span.low < 0 or span.high < span.low:
+            raise ValueError(f"a range must be 0 <= A <= B: {text!r}")
+        return span
+
+    def draw(self, rng: random.Random) -> int:
+        return self.low if self.low == self.high else rng.randint(self.low, self.high)
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+@dataclass(frozen=True)
 class Workload:
     endpoint: str  # "chat" | "completions"
     model: str
@@ -54,9 +79,10 @@ class Workload:
     def body(self, rng: random.Random) -> bytes:
         return self.body_for(self.prompt(rng), None)
 
-    def body_for(self, prompt: str | None, messages: list[dict[str, str]] | None) -> bytes:
+    def body_for(self, prompt: str | None, messages: list[dict[str, str]] | None,
+                 max_tokens: int | None = None) -> bytes:
         request: dict[str, Any] = {
-            "model": self.model, "stream": True, "max_tokens": self.output_len,
+            "model": self.model, "stream": True, "max_tokens": max_tokens or self.output_len,
             "stream_options": {"include_usage": True}, "temperature": 0,
         }
         if self.ignore_eos:

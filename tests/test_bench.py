@@ -163,6 +163,45 @@ def test_agent_sessions_send_session_ids_and_report_turns(launch: Launcher) -> N
     assert history[2]["role"] == "assistant" and history[2]["content"].startswith("tok0")
 
 
+def test_agent_shape_from_the_command_line(launch: Launcher, tmp_path: Path) -> None:
+    """`--opening-tokens`, `--turn-tokens`, `--reply-tokens` (ranges drawn per turn) and
+    `--tool-time-s` shape the sessions as sent; the summary has turns 2+ mean/p50/p99."""
+    up = launch.upstream("agent-shape", token_delay_ms=1)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "bench", "--url", up.url, "--model", "m",
+         "--workload", "agent", "--conversations", "3", "--turns", "4",
+         "--prefix-tokens", "50", "--opening-tokens", "400-600", "--turn-tokens", "100-200",
+         "--reply-tokens", "5-20", "--tool-time-s", "0.05", "--no-progress",
+         "--json", str(tmp_path / "a.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "turns 2+: mean" in out.stdout and "p99" in out.stdout
+    (r,) = json.loads((tmp_path / "a.json").read_text())["results"]
+    assert r["completed"] == 12 and r["failed"] == 0
+    agent = r["agent"]
+    assert (agent["first_turn_tokens"], agent["turn_tokens"], agent["reply_tokens"],
+            agent["think_s"]) == ("400-600", "100-200", "5-20", 0.05)
+    assert 0 < agent["p50_ttft_ms_later_turns"] <= agent["p99_ttft_ms_later_turns"]
+    # the last request of a session carries its whole history: each user turn as drawn
+    body = up.get("/_stats")["last_body"]
+    users = [m["content"].split() for m in body["messages"] if m["role"] == "user"]
+    assert len(users) == 4
+    assert 400 <= len(users[0]) - 2 <= 600  # "task i.t:" then the words
+    assert all(100 <= len(u) - 2 <= 200 for u in users[1:])
+    assert 5 <= body["max_tokens"] <= 20
+    # each turn asked its own reply length (the upstream sends max_tokens tokens)
+    per_request = r["total_output_tokens"]
+    assert 12 * 5 <= per_request <= 12 * 20 and per_request not in (60, 240)
+
+
+def test_agent_ranges_are_checked(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "bench", "--url", "http://127.0.0.1:9",
+         "--workload", "agent", "--turn-tokens", "300-100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "a range must be 0 <= A <= B: '300-100'" in out.stderr
+
+
 def test_no_ignore_eos_for_servers_that_refuse_unknown_fields(launch: Launcher,
                                                                 tmp_path: Path) -> None:
     # transformers serve answers 422 to `ignore_eos`; --no-ignore-eos leaves it out

@@ -138,14 +138,19 @@ class HoldUntil:
         return Wait("held for a", hold=True)
 
 
+async def a_full(policy: HoldUntil) -> tuple[Pool, HoldUntil, Admission]:
+    """A pool of `a` (one slot, taken by the first request) and `b` (8) behind `policy`."""
+    pool = Pool(BackendConfig(name=n, url=f"http://127.0.0.1:{9000 + i}", models=("m",),
+                              max_concurrency=c)
+                for i, (n, c) in enumerate({"a": 1, "b": 8}.items()))
+    admission = Admission(pool, policy, queue_size=8, timeout_s=5)
+    assert (await admission.admit(REQ)).backend == "a"
+    return pool, policy, admission
+
+
 def test_held_waiters_go_in_arrival_order_when_the_queue_is_long_enough() -> None:
     async def main() -> None:
-        pool = Pool(BackendConfig(name=n, url=f"http://127.0.0.1:{9000 + i}", models=("m",),
-                                  max_concurrency=c) for i, (n, c) in enumerate(
-                                      {"a": 1, "b": 8}.items()))
-        policy = HoldUntil(3)
-        admission = Admission(pool, policy, queue_size=8, timeout_s=5)
-        assert (await admission.admit(REQ)).backend == "a"
+        _, policy, admission = await a_full(HoldUntil(3))
         got: dict[int, str] = {}
 
         async def admit(i: int) -> None:
@@ -169,12 +174,7 @@ def test_held_waiters_go_in_arrival_order_when_the_queue_is_long_enough() -> Non
 
 def test_a_hold_that_never_fills_waits_for_the_lead_in_order() -> None:
     async def main() -> None:
-        pool = Pool(BackendConfig(name=n, url=f"http://127.0.0.1:{9000 + i}", models=("m",),
-                                  max_concurrency=c) for i, (n, c) in enumerate(
-                                      {"a": 1, "b": 8}.items()))
-        policy = HoldUntil(5)
-        admission = Admission(pool, policy, queue_size=8, timeout_s=5)
-        assert (await admission.admit(REQ)).backend == "a"
+        pool, policy, admission = await a_full(HoldUntil(5))
 
         async def admit(i: int) -> None:
             await admission.admit(replace(REQ, prompt_chars=i + 1))

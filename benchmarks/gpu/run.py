@@ -21,7 +21,9 @@ once `make gpu-carry` has fetched `.carry/`):
 
 The pool's config declares that both engines share the GPU (`device = "gpu0"`, see
 policies/devices.py); `--targets adaptive-no-device` runs `adaptive` without it, for
-comparison. `--targets shared` also loads both engines at once, each by its own client
+comparison. `--targets alternate` runs one stream direct and through a proxy in turns,
+`--rounds` pairs of `--duration-s` blocks, into `alternate.json` (benchmarks/gpu/alternate.py).
+`--targets shared` also loads both engines at once, each by its own client
 (`--shared-levels`): what each delivers while the other works on the same GPU.
 `--targets` runs a subset (the device lends 10 minutes per command: run the engines in
 one call, the pools in the next, and `--merge` the first call's gpu.json into the
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu import llama_cuda
+from benchmarks.gpu.alternate import alternate
 from loadgen import report
 from loadgen.local import free_port, proxy_head, wait_http
 from tests.machine import cache_root
@@ -64,6 +67,7 @@ POLICIES = ("round_robin", "least_loaded", "adaptive")
 # leaves it out: adaptive treating the two engines as independent, for comparison
 UNSHARED = "adaptive-no-device"
 SHARED_PREFIX = "beside the other: "  # labels of the both-engines-at-once run
+ALTERNATE = "alternate"  # one stream, direct and proxied in turns (benchmarks/gpu/alternate.py)
 GGUF_SHAPE = Shape(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192,
                    n_ctx_train=4096, seed=20261203)
 TINY_GGUF = Shape()  # the test suite's model: tens of tokens/s on one CPU thread
@@ -188,6 +192,22 @@ apis = ["chat", "completions"]
 """
 
 
+def start_proxy(stack: Stack, target: str, llama: str, batching: str, batching_model: str,
+                work: Path) -> str:
+    """A fresh `sluiceway serve` over both engines; `target` names its policy (the
+    `alternate` probe runs `adaptive`)."""
+    config = work / f"sluiceway-{target}.toml"
+    policy, device = ("adaptive", "") if target == UNSHARED else (
+        "adaptive" if target == ALTERNATE else target, "gpu0")
+    config.write_text(proxy_config(llama, batching, batching_model, policy, device))
+    port = free_port()
+    proc = stack.start(f"sluiceway-{target}", [
+        sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
+        "--port", str(port), "--log-level", "warning"])
+    wait_http(f"http://127.0.0.1:{port}/ready", proc, timeout_s=60)
+    return f"http://127.0.0.1:{port}"
+
+
 def _bench_cmd(name: str, url: str, model: str, levels: str, args: argparse.Namespace,
                out: Path) -> list[str]:
     return [sys.executable, "-m", "proxy.cli", "bench", "--url", f"{name}={url}",
@@ -280,7 +300,7 @@ def run_targets(args: argparse.Namespace, work: Path,
     """Every target in turn; `checkpoint` gets the results so far after each one (a run
     cut short by a time limit still leaves what it measured)."""
     targets = [t for t in args.targets.split(",") if t]
-    known = (*ENGINES, *POLICIES, UNSHARED, "shared")
+    known = (*ENGINES, *POLICIES, UNSHARED, "shared", ALTERNATE)
     unknown = set(targets) - set(known)
     if unknown:
         raise SystemExit(f"unknown --targets {sorted(unknown)}: of {known}")
@@ -323,17 +343,15 @@ def run_targets(args: argparse.Namespace, work: Path,
             elif target == "shared":
                 results += shared(llama, batching, repo_id, args, work)
             else:
-                config = work / f"sluiceway-{target}.toml"
-                policy, device = ("adaptive", "") if target == UNSHARED else (target, "gpu0")
-                config.write_text(proxy_config(llama, batching, repo_id, policy, device))
-                port = free_port()
-                proc = stack.start(f"sluiceway-{target}", [
-                    sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
-                    "--port", str(port), "--log-level", "warning"])
-                wait_http(f"http://127.0.0.1:{port}/ready", proc, timeout_s=60)
+                proxy = start_proxy(stack, target, llama, batching, repo_id, work)
                 try:
-                    results += bench(f"sluiceway ({target})", f"http://127.0.0.1:{port}",
-                                     MODEL, args, work)
+                    if target == ALTERNATE:
+                        rows = alternate(llama, proxy, MODEL, args.rounds, args.duration_s,
+                                         work, log)
+                        args.out.mkdir(parents=True, exist_ok=True)
+                        (args.out / "alternate.json").write_text(json.dumps(rows, indent=1))
+                    else:
+                        results += bench(f"sluiceway ({target})", proxy, MODEL, args, work)
                 finally:
                     stack.stop(f"sluiceway-{target}")
             checkpoint(results)
@@ -415,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--shared-levels", default="4,16",
                         help="the `shared` target: each engine's own closed-loop levels")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the `alternate` target: pairs of direct/proxied blocks")
     parser.add_argument("--slots", type=int, default=4, help="llama-server --parallel")
     parser.add_argument("--batching", choices=["transformers", "emulator"],
                         default="transformers", help="the continuous-batching engine")

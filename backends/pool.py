@@ -90,25 +90,41 @@ class Pool:
     def knows_model(self, model: str) -> bool:
         return any(model in state.models for state in self._states.values())
 
-    def acquire(self, name: str) -> BackendState:
+    def acquire(self, name: str, prefill_chars: float = 0.0) -> float:
+        """A slot taken for a request bringing `prefill_chars` body bytes to prefill;
+        returns what that added to the backend's prefill backlog (give it back with
+        `prefilled` once the first bytes come, or with `release`)."""
         state = self._states[name]
         state.advance_area(perf_counter())
         state.in_flight += 1
+        backlog = state.excess_chars(prefill_chars)
+        state.backlog_chars += backlog
         if state.outlier.state is Ejection.HALF_OPEN:
             state.outlier.take()  # the trial: it takes nothing more until this ends
         self._changed(notify=False)  # taking a slot never frees room for a waiter
-        return state
+        return backlog
+
+    def prefilled(self, name: str, backlog: float) -> None:
+        """A request's first bytes came: its prefill is no longer ahead of anyone."""
+        if not backlog:
+            return
+        state = self._states.get(name)
+        if state is not None:
+            state.backlog_chars = max(0.0, state.backlog_chars - backlog)
+            self._changed(notify=False)  # no room freed
 
     def load_area(self, name: str) -> float:
         """The backend's in-flight count integrated over time, up to now."""
         return self._states[name].advance_area(perf_counter())
 
-    def release(self, name: str, result: RequestResult | None) -> None:
+    def release(self, name: str, result: RequestResult | None, backlog: float = 0.0) -> None:
         """A request ends: its slot is free and what it taught is learned. None: a slot
-        reserved and given back unused (nothing was sent), which teaches nothing."""
+        reserved and given back unused (nothing was sent), which teaches nothing.
+        `backlog`: what it still held of the prefill backlog (see `acquire`)."""
         state = self._states[name]
         state.advance_area(perf_counter())
         state.in_flight -= 1
+        state.backlog_chars = max(0.0, state.backlog_chars - backlog)
         if result is not None:
             state.stats.record(result)
         if result is not None and result.fault:

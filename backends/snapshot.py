@@ -42,6 +42,9 @@ class BackendSnapshot:
     mean_output_tokens: float | None = None
     prefill_chars_per_s: float | None = None  # learned; see BackendStats
     mean_uncached_chars: float | None = None  # the prompts behind the TTFT curve
+    # body bytes beyond mean_uncached_chars that requests sent here and not yet answered
+    # bring to prefill: queueing the TTFT curve, learned on typical prompts, cannot see
+    prefill_backlog_chars: float = 0.0
     draining: bool = False  # taken out of rotation by an operator: finishes, takes nothing
     ejected: bool = False  # failing: out for a backoff, or half-open with its trial out
     device: str | None = None  # backends that share an accelerator name the same one

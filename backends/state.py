@@ -48,6 +48,7 @@ class BackendState:
     discovered: Discovered = field(default_factory=Discovered)
     stats: BackendStats = field(default_factory=BackendStats)
     load_area: float = 0.0  # integral of in_flight over time (request-seconds)
+    backlog_chars: float = 0.0  # see BackendSnapshot.prefill_backlog_chars
     load_area_at: float = field(default_factory=perf_counter)
 
     def advance_area(self, now: float) -> float:
@@ -55,6 +56,12 @@ class BackendState:
         self.load_area += self.total_in_flight * (now - self.load_area_at)
         self.load_area_at = now
         return self.load_area
+
+    def excess_chars(self, prefill_chars: float) -> float:
+        """What a request bringing `prefill_chars` to prefill adds to the backlog: the part
+        beyond the typical prompt behind the TTFT curve (nothing while none is known)."""
+        typical = self.stats.uncached_chars.value
+        return 0.0 if typical is None else max(0.0, prefill_chars - typical)
 
     @property
     def total_in_flight(self) -> int:
@@ -116,5 +123,6 @@ class BackendState:
             mean_output_tokens=self.stats.output_tokens.value,
             prefill_chars_per_s=self.stats.prefill_chars_per_s.value,
             mean_uncached_chars=self.stats.uncached_chars.value,
+            prefill_backlog_chars=self.backlog_chars,
             device=self.config.device or None,
         )

@@ -127,13 +127,16 @@ class Adaptive:
                                    best, request)
             if costs[previous] <= bound:
                 pick = previous
-        return self._route(request, pick)
+        uncached = (max(0, request.prompt_chars - previous_chars) if pick == previous
+                    else request.prompt_chars)
+        return self._route(request, pick, uncached)
 
-    def _route(self, request: RouteRequest, backend: BackendSnapshot | str) -> Route:
+    def _route(self, request: RouteRequest, backend: BackendSnapshot | str,
+               prefill_chars: int | None = None) -> Route:
         name = backend if isinstance(backend, str) else backend.name
         if self.sessions is not None and request.affinity_key is not None:
             self.sessions.put(request.affinity_key, name, request.prompt_chars)
-        return Route(name)
+        return Route(name, prefill_chars)
 
 
 def affinity_bound(best_cost: float, best: BackendSnapshot, request: RouteRequest) -> float:

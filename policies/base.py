@@ -34,6 +34,9 @@ class RouteRequest:
 @dataclass(frozen=True, slots=True)
 class Route:
     backend: str
+    # body bytes the policy expects the backend to prefill (what its cache does not hold);
+    # None: all of the body. Admission counts it into the backend's prefill backlog.
+    prefill_chars: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

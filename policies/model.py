@@ -30,7 +30,13 @@
   for the difference at the backend's learned prefill speed, and never less than its own
   prefill. So a 20k-token agent opening is charged 3.6 s on a llama.cpp that prefills
   5.5k tokens/s and 0.5 s on a vLLM at 40k, where the curve alone (learned on 512-token
-  prompts) saw 0.1 s on both and sent openings to llama.cpp.
+  prompts) saw 0.1 s on both and sent openings to llama.cpp. Requests already sent there
+  and not yet at their first token add their own excess over the typical prompt
+  (`prefill_backlog_chars`) at the same speed: an engine prefills what it was given first
+  (vLLM's scheduler is first come, first served; llama.cpp fills each batch from its slots
+  in turn), so a burst of eight 22k-token openings charges the eighth the seven ahead of
+  it, 3.9 s on a vLLM at 40k tokens/s, and llama.cpp's idle 4 s becomes the better place
+  for it. Without that, every opening of the burst saw an empty vLLM.
 """
 
 from __future__ import annotations
@@ -105,7 +111,8 @@ def request_ttft_s(b: BackendSnapshot, n: float, chars: float, prior_ttft_s: flo
     if not b.prefill_chars_per_s or b.mean_uncached_chars is None:
         return base
     own = prefill_s(b, chars)
-    return max(own, base + own - prefill_s(b, b.mean_uncached_chars))
+    ahead = prefill_s(b, b.prefill_backlog_chars)
+    return max(own, base + own - prefill_s(b, b.mean_uncached_chars)) + ahead
 
 
 def prior_stream_tok_s(backends: Sequence[BackendSnapshot]) -> float:

@@ -41,20 +41,24 @@ from proxy.errors import no_capacity
 
 RETRY_AFTER_S = 2  # what a refused client is told; well under the SDKs' 60-120 s ceilings
 
+_Taken = tuple[str, float]  # a local slot: the backend, and what it added to its backlog
+
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """A request's place on a backend: its local slot and, with several replicas, its
-    lease (None: one process, or a backend without a known capacity)."""
+    """A request's place on a backend: its local slot, with several replicas its lease
+    (None: one process, or a backend without a known capacity), and what it added to the
+    backend's prefill backlog (Pool.acquire)."""
 
     backend: str
     lease: Lease | None = None
+    backlog: float = 0.0
 
 
 @dataclass(slots=True)
 class _Waiter:
     request: RouteRequest
-    future: asyncio.Future[str] = field(
+    future: asyncio.Future[_Taken] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -91,32 +95,33 @@ class Admission:
         deadline = asyncio.get_running_loop().time() + self._timeout_s
         cluster, table = self._cluster, self._sessions
         if cluster is None:
-            return Slot(await self._reserve(request, deadline))
+            name, backlog = await self._reserve(request, deadline)
+            return Slot(name, None, backlog)
         key = request.affinity_key if table is not None else None
         ticket = cluster.ticket()  # its place in the queues of backends found full
         ahead = asked = False
         try:
             while True:
                 known = table.get(key) if table is not None and key is not None else None
-                name = await self._reserve(request, deadline, ahead,
-                                           lambda: cluster.join(ticket, self._full(request)))
+                name, backlog = await self._reserve(
+                    request, deadline, ahead, lambda: cluster.join(ticket, self._full(request)))
                 try:
                     granted, lease, shared = await cluster.take(
                         name, None if key is None else (key, name, request.prompt_chars),
                         ticket)
                 except BaseException:
-                    self._pool.release(name, None)
+                    self._pool.release(name, None, backlog)
                     raise
                 # chosen without knowing where the session went last (another replica sent
                 # it elsewhere): choose once more, knowing it
                 uninformed = (shared is not None and shared[0] != name and not asked
                               and (known is None or known[0] != shared[0]))
                 if granted and not uninformed:
-                    return Slot(name, lease)
+                    return Slot(name, lease, backlog)
                 if uninformed and table is not None and key is not None and shared is not None:
                     table.put(key, *shared)
                     asked = True
-                self._pool.release(name, None)
+                self._pool.release(name, None, backlog)
                 cluster.give(lease)  # the lease taken for the uninformed choice, if any
                 ahead = not granted  # full, or not its turn: wait for a change, at the head
         finally:
@@ -138,10 +143,11 @@ class Admission:
         self._pool.release(name, None)
         return None
 
-    def release(self, slot: Slot, result: RequestResult) -> None:
-        """The request ended: its slot (and lease) back, what it taught learned (here and,
-        through the cluster, by every replica)."""
-        self._pool.release(slot.backend, result)
+    def release(self, slot: Slot, result: RequestResult, backlog: float = 0.0) -> None:
+        """The request ended: its slot (and lease) back, what it still held of the
+        backend's prefill backlog dropped, what it taught learned (here and, through the
+        cluster, by every replica)."""
+        self._pool.release(slot.backend, result, backlog)
         if self._cluster is not None:
             self._cluster.give(slot.lease)
             self._cluster.observe(slot.backend, result)
@@ -152,8 +158,13 @@ class Admission:
                 if b.serves(request.model) and b.name not in request.exclude
                 and b.routable and not b.has_room]
 
+    def _take(self, request: RouteRequest, route: Route) -> _Taken:
+        """The slot the policy chose, taken in the same step as the choice."""
+        chars = request.prompt_chars if route.prefill_chars is None else route.prefill_chars
+        return route.backend, self._pool.acquire(route.backend, chars)
+
     async def _reserve(self, request: RouteRequest, deadline: float, ahead: bool = False,
-                       on_wait: Callable[[], None] | None = None) -> str:
+                       on_wait: Callable[[], None] | None = None) -> _Taken:
         """A local slot: now, or after waiting in the queue (at its head with `ahead`);
         `on_wait` is called when it starts to wait."""
         # While the policy holds waiters back from a backend with room, a newcomer joins the
@@ -164,8 +175,7 @@ class Admission:
             asked = replace(request, waiting=len(self._waiters)) if self._waiters else request
             decision = self._policy.choose(asked, self._pool.snapshot())
             if isinstance(decision, Route):
-                self._pool.acquire(decision.backend)
-                return decision.backend
+                return self._take(request, decision)
             if isinstance(decision, NoBackend):
                 raise no_capacity(decision.reason, RETRY_AFTER_S)
             self._held = self._held or decision.hold
@@ -197,7 +207,8 @@ class Admission:
         """Drop a waiter that gave up; hand back a slot granted to it meanwhile."""
         if waiter.future.done() and not waiter.future.cancelled():
             if waiter.future.exception() is None:
-                self._pool.release(waiter.future.result(), None)
+                name, backlog = waiter.future.result()
+                self._pool.release(name, None, backlog)
             return
         waiter.future.cancel()
         with contextlib.suppress(ValueError):
@@ -227,8 +238,7 @@ class Admission:
             if not isinstance(decision, Wait):
                 remaining -= 1
             if isinstance(decision, Route):
-                self._pool.acquire(decision.backend)
-                waiter.future.set_result(decision.backend)
+                waiter.future.set_result(self._take(waiter.request, decision))
             elif isinstance(decision, NoBackend):
                 waiter.future.set_exception(no_capacity(decision.reason, RETRY_AFTER_S))
             else:

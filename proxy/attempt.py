@@ -15,6 +15,7 @@ class Attempt:
     __slots__ = (
         "answered",
         "backend",
+        "backlog",
         "cached_tokens",
         "concurrency",
         "ended_at",
@@ -32,9 +33,11 @@ class Attempt:
         "whole",
     )
 
-    def __init__(self, backend: str, load_area: float, prompt_chars: int = 0) -> None:
+    def __init__(self, backend: str, load_area: float, prompt_chars: int = 0,
+                 backlog: float = 0.0) -> None:
         self.backend = backend
         self.prompt_chars = prompt_chars  # size of the request body
+        self.backlog = backlog  # its part of the backend's prefill backlog, until answered
         self.sent_at = perf_counter()
         self.load_area_at_start = load_area  # the backend's in-flight integral right now
         self.concurrency: float | None = None  # its mean over this attempt, at the end

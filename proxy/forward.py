@@ -75,7 +75,8 @@ class Forwarder:
             name = slot.backend
             self._metrics.queue_wait.observe(perf_counter() - queued_at)
             self._metrics.decisions.labels(name, self._admission.policy_name).inc()
-            attempt = Attempt(name, self._pool.load_area(name), route.prompt_chars)
+            attempt = Attempt(name, self._pool.load_area(name), route.prompt_chars,
+                              slot.backlog)
             attempts.append(attempt)
             try:
                 await self._try(request, attempt, reply)
@@ -101,7 +102,7 @@ class Forwarder:
         if attempt.ended_at is None:
             attempt.end(attempt.outcome)
         attempt.settle(self._pool.load_area(attempt.backend))
-        self._admission.release(slot, attempt.result())
+        self._admission.release(slot, attempt.result(), attempt.backlog)
         m, name = self._metrics, attempt.backend
         m.requests.labels(name, request.endpoint.name, attempt.outcome).inc()
         m.duration.labels(name).observe(attempt.duration_s)
@@ -147,6 +148,9 @@ class Forwarder:
                     raise
                 self._end_in_band(request, attempt, reply, exc)
                 return
+        # the first bytes (a stream's first event, or the whole reply): prefill is done
+        self._pool.prefilled(attempt.backend, attempt.backlog)
+        attempt.backlog = 0.0
         try:
             if attempt.started and resp.status != 200:  # headers went out early: in-band
                 late = status_error(attempt.backend, resp.status, await resp.read(),

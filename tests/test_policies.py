@@ -360,6 +360,31 @@ def test_a_long_prompt_goes_where_it_prefills_fastest() -> None:
     assert policy.choose(opening, blind) == Route("llama")
 
 
+def test_openings_already_prefilling_count_against_the_next_one() -> None:
+    """A burst of 100 kB openings: vLLM prefills 200 kB/s, llama.cpp 25 kB/s (4 s for one).
+    With 7 openings ahead of it on vLLM (each 97 kB beyond the typical 3 kB prompt: 3.4 s
+    of prefill queued), the eighth waits less on the idle llama.cpp; with those 7 already
+    at their first token (no backlog), vLLM again. The route says what the backend will
+    prefill: all of the body, or on a session's own backend only the new part."""
+    def backends(backlog: float) -> PoolSnapshot:
+        return pool(
+            replace(learned("llama", 0, 0, LLAMA, TTFT, kind="llamacpp"),
+                    prefill_chars_per_s=25_000.0, mean_uncached_chars=3_000.0),
+            replace(learned("vllm", 1, 7, AITER, TTFT, kind="vllm"),
+                    prefill_chars_per_s=200_000.0, mean_uncached_chars=3_000.0,
+                    prefill_backlog_chars=backlog))
+
+    policy = POLICIES["adaptive"](PolicyConfig(random.Random(0)))
+    opening = RouteRequest(endpoint="chat", model="m", max_tokens=128, prompt_chars=100_000,
+                           affinity_key="s")
+    assert policy.choose(replace(opening, affinity_key="t"), backends(0.0)) == Route("vllm")
+    route = policy.choose(opening, backends(7 * 97_000.0))
+    assert route == Route("llama") and isinstance(route, Route)
+    assert route.prefill_chars == 100_000  # nothing of it cached there yet
+    turn = policy.choose(replace(opening, prompt_chars=104_000), backends(7 * 97_000.0))
+    assert turn == Route("llama") and isinstance(turn, Route) and turn.prefill_chars == 4_000
+
+
 def test_a_session_backend_is_charged_only_the_new_part_of_its_prompt() -> None:
     """Turn 2 of a conversation that opened on llama.cpp: 103 kB, of which 100 kB are the
     first turn, cached there. Elsewhere all of it would be prefilled: it stays, although

@@ -44,6 +44,7 @@ class BackendView(BaseModel):
     decode_tok_s: float | None
     prefill_chars_per_s: float | None
     mean_uncached_chars: float | None
+    prefill_backlog_chars: float  # of requests sent and not yet answered (BackendSnapshot)
     throughput_curve: list[tuple[int, float]]  # (concurrency, aggregate output tok/s)
     ttft_curve: list[tuple[int, float]]  # (concurrency, TTFT s)
     completed: int

@@ -10,9 +10,12 @@ T_b (aggregate output tok/s at a concurrency; see policies/model.py):
 TTFT_b(n + 1, prompt) is the learned TTFT curve corrected for this request's prompt: the
 part b would have to prefill (all of it, or on the session's own backend only what was
 added since its last turn there) against the typical prompt behind the curve, at b's
-learned prefill speed (model.request_ttft_s). A long agent opening thus goes where it
-prefills fastest, and a conversation's next turn is charged only its new part where its
-prefix is cached.
+learned prefill speed, plus b's prefill backlog (what requests sent there and not yet at
+their first bytes bring beyond the typical prompt; model.request_ttft_s). A long agent
+opening thus goes where it prefills fastest counting what is queued there, and a
+conversation's next turn is charged only its new part where its prefix is cached. The
+route says what it expects b to prefill (`Route.prefill_chars`): that is what the
+request adds to b's backlog.
 
 O is the request's max_tokens, else the backend's mean reply length. The first term of the
 max is the marginal throughput: what the backend's total output rate gains by taking one

@@ -52,6 +52,8 @@ def held_back(request: RouteRequest, snapshot: PoolSnapshot,
               candidates: Sequence[BackendSnapshot], prior_rate: float) -> frozenset[str]:
     """Names of candidates that share a device with a faster lead and should not take
     this request (they would cost the device more than they add)."""
+    if not any(c.device for c in candidates):  # the common case: nothing declared
+        return frozenset()
     held: set[str] = set()
     groups: dict[str, list[BackendSnapshot]] = {}
     for b in snapshot.backends:

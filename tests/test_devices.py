@@ -226,3 +226,19 @@ def test_a_pool_on_one_device_keeps_the_slow_member_for_a_big_overflow(
         shares[device] = result["backends"].get("tf", {"requests": 0})["requests"]
     assert shares["gpu0"] == 0, shares
     assert shares[""] >= 8, shares  # the control: independent, the overflow spills
+
+
+def test_a_lead_with_no_known_capacity_keeps_what_the_slower_member_cannot_beat() -> None:
+    """A lead whose capacity is unknown never fills: the bar is its curve at what it would
+    hold with this request (its streams + the waiting + 1), and the slower member's curve
+    at one more stream of its own must reach BAR of that."""
+    def decide(device: str | None) -> Decision:
+        snapshot = PoolSnapshot((
+            member("llama", 0, 8, LLAMA, "llamacpp", None, device),
+            member("tf", 1, 0, TF, "openai", None, device),
+        ))
+        policy = POLICIES["adaptive"](PolicyConfig(random.Random(0), affinity=False))
+        return policy.choose(REQ, snapshot)
+
+    assert decide(None) == Route("tf")  # independent: llama.cpp's ninth stream adds little
+    assert decide("gpu0") == Route("llama")  # 89 tok/s is far below 0.7 x its 1,316+

@@ -32,8 +32,11 @@ CARRY = Path(".carry")
 SOURCE_TARBALL = CARRY / "llama-src.tar.xz"
 
 # name==version: what the image lacks, pinned where it matters. openai stays below 2:
-# transformers 5.x's serving code imports names that openai 2 moved.
+# transformers 5.x's serving code imports names that openai 2 moved. fastapi 0.165 imports
+# opentelemetry-api at start, which the H200 image of 2026-12-03 lacked (transformers
+# serve failed to start there).
 DEVICE_WHEELS = [
+    "opentelemetry-api==1.45.2",
     "fastapi==0.165.0", "starlette==1.10.0", "annotated-doc==0.0.7", "uvicorn==0.55.0",
     "pydantic==2.14.4", "pydantic-core==2.50.5", "pydantic-settings==2.16.3",
     "python-dotenv==1.2.4", "annotated-types==0.8.0", "typing-inspection==0.4.5",

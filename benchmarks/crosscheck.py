@@ -53,7 +53,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from loadgen.local import free_port, wait_http  # noqa: E402
+from loadgen.local import free_port, pin, wait_http  # noqa: E402
 from loadgen.workload import Workload  # noqa: E402
 from tests.realllama.build import cache_root  # noqa: E402
 from tests.realllama.server import prepare, server_args  # noqa: E402
@@ -349,21 +349,6 @@ def _children_cpu_s() -> float:
 
 def _ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.3f}" if theirs else "-"
-
-
-def pin(pinned: bool) -> set[int]:
-    """Pinned (the default with 2+ CPUs), the server under test gets the first CPU and this
-    process, so every tool it starts, the others: a tool that needs more CPU than it has
-    then shows as its own ceiling instead of taking CPU from the server (unpinned on 2
-    cores, the tools disagreed by 5-18% at 32 concurrent on the fast servers). Returns the
-    servers' CPUs."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pinned or len(cpus) < 2:
-        print(f"servers and tools share CPUs {cpus}", file=sys.stderr)
-        return set(cpus)
-    os.sched_setaffinity(0, set(cpus[1:]))
-    print(f"servers on CPU {cpus[0]}, tools on CPUs {cpus[1:]}", file=sys.stderr)
-    return {cpus[0]}
 
 
 def main() -> None:

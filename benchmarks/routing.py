@@ -2,7 +2,7 @@
 
     python benchmarks/routing.py [--speed 4] [--levels 1,8,32,64,128] [--pools all]
                                  [--cold [--per-c 3]] [--skip-agent | --only-agent]
-                                 [--real-llama] [--json PATH]
+                                 [--real-llama] [--real [--pin]] [--json PATH]
 
 For each emulated pool (llama.cpp Q4_K_M + vLLM FP8 with AITER, and llama.cpp + stock vLLM
 FP8) it runs, in one process and one run: the llama.cpp emulator alone, the vLLM emulator
@@ -51,7 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from emulator.profile import get_profile  # noqa: E402
-from loadgen.local import free_port, wait_http  # noqa: E402
+from loadgen.local import free_port, pin, wait_http  # noqa: E402
 from loadgen.record import RequestRecord  # noqa: E402
 from loadgen.runner import LevelResult, Target, agent_sessions, closed_loop  # noqa: E402
 from loadgen.summary import percentile  # noqa: E402
@@ -76,10 +76,21 @@ REAL_POLICIES = ("round_robin", "least_loaded", "adaptive")
 class Fleet:
     """Emulators and proxies started by this benchmark, always stopped."""
 
-    def __init__(self, speed: float, workdir: Path) -> None:
+    def __init__(self, speed: float, workdir: Path, engine_cpus: set[int] | None = None
+                 ) -> None:
         self.speed = speed
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.engine_cpus = engine_cpus  # the real engines' CPUs (None: wherever this runs)
+
+    def _engine(self, cmd: list[str], log: Path,
+                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        cpus = self.engine_cpus
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                env=env, preexec_fn=None if cpus is None else
+                                (lambda: os.sched_setaffinity(0, cpus)))
+        self.procs.append(proc)
+        return proc
 
     def _start(self, args: list[str], ready: str) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
@@ -99,10 +110,8 @@ class Fleet:
     def llama_server(self, real: RealLlama, slots: int) -> str:
         """A real llama-server (built by tests/realllama) on the random test model."""
         port = free_port()
-        log = (self.workdir / f"llama-server-{port}.log").open("wb")
-        proc = subprocess.Popen([str(real.server), *server_args(real.model, port, slots)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
+        proc = self._engine([str(real.server), *server_args(real.model, port, slots)],
+                            self.workdir / f"llama-server-{port}.log")
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc, timeout_s=120)
         return url
@@ -110,12 +119,9 @@ class Fleet:
     def vllm(self, real: RealVllm, max_num_seqs: int) -> str:
         """The real vLLM (installed by tests/realvllm) on its random test model."""
         port = free_port()
-        log = (self.workdir / f"vllm-{port}.log").open("wb")
-        proc = subprocess.Popen(
+        proc = self._engine(
             [str(real.vllm), *vllm_server.server_args(real.model, port, max_num_seqs)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **vllm_server.ENV})
-        self.procs.append(proc)
+            self.workdir / f"vllm-{port}.log", {**os.environ, **vllm_server.ENV})
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc, timeout_s=vllm_server.START_TIMEOUT_S)
         return url
@@ -337,7 +343,10 @@ def real_pool(args: argparse.Namespace) -> None:
     """The real llama-server and the real vLLM on this machine's cores, in real time."""
     levels = REAL_LEVELS if args.levels == "1,8,32,64,128" else [
         int(x) for x in args.levels.split(",")]
-    fleet = Fleet(1.0, Path(tempfile.mkdtemp(prefix="sluiceway-routing-real-")))
+    # --pin: the engines on the first CPU, the proxies and the client on the others, as a
+    # proxy runs beside (not on) a CPU engine's cores in a deployment
+    engine_cpus = pin(True) if args.pin else None
+    fleet = Fleet(1.0, Path(tempfile.mkdtemp(prefix="sluiceway-routing-real-")), engine_cpus)
     try:
         llama_url = fleet.llama_server(prepare(), slots=4)
         vllm_url = fleet.vllm(install_vllm(), max_num_seqs=16)
@@ -384,6 +393,9 @@ def main() -> None:
                              "learning pass (as a user meets it after a deploy)")
     parser.add_argument("--per-c", type=int, default=3,
                         help="with --cold: requests per level = max(16, PER_C x concurrency)")
+    parser.add_argument("--pin", action="store_true",
+                        help="with --real: the engines on the first CPU, the proxies and the "
+                             "client on the others (loadgen.local.pin)")
     parser.add_argument("--real", action="store_true",
                         help="only the real pool: the pinned llama-server (4 slots) and the "
                              "real vLLM (--max-num-seqs 16), each alone and under "

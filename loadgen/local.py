@@ -9,6 +9,8 @@ import sys
 import time
 import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -58,3 +60,14 @@ def pin(pinned: bool) -> set[int]:
     os.sched_setaffinity(0, set(cpus[1:]))
     print(f"servers on CPU {cpus[0]}, tools on CPUs {cpus[1:]}", file=sys.stderr)
     return {cpus[0]}
+
+
+def metric_sums(url: str) -> dict[str, float]:
+    """Every sample of a server's /metrics, summed over label sets."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values

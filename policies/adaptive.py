@@ -117,10 +117,14 @@ class Adaptive:
         if any(b.throughput_curve for b in within):
             found = within
         prior_ttft = model.prior_ttft_s(snapshot.backends)
-        # the session's own backend holds its last prompt; elsewhere all of it is prefilled
-        costs = {b.name: cost(b, request, prior_rate, prior_ttft,
-                              uncached_chars=max(0, request.prompt_chars - previous_chars)
-                              if b.name == previous else request.prompt_chars)
+
+        def uncached(name: str) -> int:
+            """The session's own backend holds its last prompt; elsewhere all of it is
+            prefilled."""
+            return (max(0, request.prompt_chars - previous_chars) if name == previous
+                    else request.prompt_chars)
+
+        costs = {b.name: cost(b, request, prior_rate, prior_ttft, uncached(b.name))
                  for b in found}
         best = min(found, key=lambda b: (costs[b.name], b.load, b.index))
         pick = best.name
@@ -130,9 +134,7 @@ class Adaptive:
                                    best, request)
             if costs[previous] <= bound:
                 pick = previous
-        uncached = (max(0, request.prompt_chars - previous_chars) if pick == previous
-                    else request.prompt_chars)
-        return self._route(request, pick, uncached)
+        return self._route(request, pick, uncached(pick))
 
     def _route(self, request: RouteRequest, backend: BackendSnapshot | str,
                prefill_chars: int | None = None) -> Route:

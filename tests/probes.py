@@ -9,19 +9,14 @@ from typing import Any
 import httpx
 import orjson
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadgen.local import metric_sums
 from tests.processes import Server
 
 
 def gauges(server: Server) -> dict[str, float]:
     """Every sample of the server's /metrics, summed over label sets."""
-    text = httpx.get(server.url + "/metrics", timeout=5).text
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
+    return metric_sums(server.url)
 
 
 def access_records(proxy: Server) -> list[dict[str, Any]]:

@@ -113,8 +113,10 @@ def test_a_burst_of_openings_spills_to_the_idle_slow_prefiller(launch: Launcher)
     against 3.6 s for its own prefill on the idle llama.cpp, in profile time). Without the
     backlog every opening saw an empty vLLM and all 8 went there (benchmarks/agents.py:
     0% on llama.cpp; 1 of 8 sessions there with it, first turns 4.0 -> 3.6 s)."""
-    llama = launch.emulator("llamacpp", "llamacpp-q4km", speed=4, model="m")
-    vllm = launch.emulator("vllm", "vllm-fp8", speed=4, model="m")
+    # real time (speed 1): the openings' prefill on vLLM (0.5 s each) outlasts their
+    # arrival however slowly a busy machine sends the 8 bodies
+    llama = launch.emulator("llamacpp", "llamacpp-q4km", speed=1, model="m")
+    vllm = launch.emulator("vllm", "vllm-fp8", speed=1, model="m")
     proxy = launch.proxy([backend("llama", llama, kind="llamacpp", models=["m"]),
                           backend("vllm", vllm, kind="vllm", models=["m"],
                                   max_concurrency=256)],

@@ -15,27 +15,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from loadgen.local import metric_sums
 
 
 def proxy_ttft(proxy: str) -> tuple[float, float]:
     """(sum, count) of the proxy's TTFT histogram over every backend."""
-    with urllib.request.urlopen(proxy + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name != "sluiceway_ttft_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                total += sample.value
-            elif sample.name.endswith("_count"):
-                count += sample.value
-    return total, count
+    sums = metric_sums(proxy)
+    return sums.get("sluiceway_ttft_seconds_sum", 0.0), sums.get("sluiceway_ttft_seconds_count",
+                                                                 0.0)
 
 
 def one_block(url: str, model: str, duration_s: float, out: Path) -> dict[str, Any]:

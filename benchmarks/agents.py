@@ -9,8 +9,9 @@ between turns (profile time). --conversations sessions at once. Targets, each on
 started emulators (no cache warm from an earlier run) and, for the policies, a freshly
 started proxy (calibrated as shipped, nothing else learned): llama.cpp alone, vLLM alone,
 round_robin, least_loaded, adaptive. Reported in profile time (measured x speed): mean
-TTFT of the first turns, mean / p50 / p99 TTFT of turns 2+, output tok/s over the whole
-run, failures, and the share of turns on llama.cpp.
+TTFT of the first turns, mean / p50 / p99 TTFT of turns 2+ and their mean end-to-end time
+(request sent to last token: what an agent waits before its tool runs), output tok/s over the whole
+run, failures, the share of turns on llama.cpp, and for the policies turns 2+ per backend.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def run(fleet: Fleet, pool: tuple[str, str], target: str,
     ok = [r for r in level.records if r.ok and r.ttft is not None]
     first = [r.ttft * speed for r in ok if r.turn == 0 and r.ttft is not None]
     later = [r.ttft * speed for r in ok if r.turn > 0 and r.ttft is not None]
+    whole = [r.e2el * speed for r in ok if r.turn > 0 and r.e2el is not None]
+    by_backend = {}  # turns 2+ per backend: where a session stays, what its turns take
+    for name in sorted({r.backend for r in ok if r.turn > 0 and r.backend}):
+        mine = [r for r in ok if r.turn > 0 and r.backend == name and r.e2el is not None]
+        by_backend[name] = {
+            "turns": len(mine),
+            "ttft_mean": statistics.fmean(r.ttft * speed for r in mine if r.ttft is not None),
+            "e2e_mean": statistics.fmean(r.e2el * speed for r in mine if r.e2el is not None),
+        }
     tokens = sum(r.output_tokens for r in level.records if r.ok)
     on_llama = sum(1 for r in level.records if r.backend == "llama")
     return {
@@ -68,6 +78,8 @@ def run(fleet: Fleet, pool: tuple[str, str], target: str,
         "later_mean": statistics.fmean(later) if later else None,
         "later_p50": percentile(later, 50) if later else None,
         "later_p99": percentile(later, 99) if later else None,
+        "later_e2e_mean": statistics.fmean(whole) if whole else None,
+        "later_by_backend": by_backend,
         "out_tok_s": tokens / level.duration / speed,
         "failed": sum(1 for r in level.records if not r.ok),
         "turns": len(level.records),
@@ -79,12 +91,16 @@ def run(fleet: Fleet, pool: tuple[str, str], target: str,
 def show(title: str, results: dict[str, dict[str, Any]]) -> None:
     print(f"\n## {title}\n")
     print(f"{'target':<14} {'turn 1 TTFT':>11} {'turns 2+ mean':>13} {'p50':>7} {'p99':>7} "
-          f"{'out tok/s':>9} {'failed':>6} {'llama share':>11}")
+          f"{'e2e 2+':>7} {'out tok/s':>9} {'failed':>6} {'llama share':>11}")
     for target, m in results.items():
         share = "" if m["llama_share"] is None else f"{m['llama_share']:.0%}"
         print(f"{target:<14} {m['first_mean']:>10.2f}s {m['later_mean']:>12.3f}s "
-              f"{m['later_p50']:>6.3f}s {m['later_p99']:>6.3f}s {m['out_tok_s']:>9,.0f} "
+              f"{m['later_p50']:>6.3f}s {m['later_p99']:>6.3f}s {m['later_e2e_mean']:>6.2f}s "
+              f"{m['out_tok_s']:>9,.0f} "
               f"{m['failed']:>6} {share:>11}")
+        for backend, b in m["later_by_backend"].items():
+            print(f"  turns 2+ on {backend:<7} {b['turns']:>3} turns, TTFT {b['ttft_mean']:.3f}s, "
+                  f"e2e {b['e2e_mean']:.2f}s")
 
 
 def main() -> None:

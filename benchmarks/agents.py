@@ -19,16 +19,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.routing import Fleet  # noqa: E402
+from loadgen.record import RequestRecord  # noqa: E402
 from loadgen.runner import Target, agent_sessions  # noqa: E402
 from loadgen.summary import percentile  # noqa: E402
 from loadgen.workload import Workload  # noqa: E402
@@ -46,7 +52,11 @@ def run(fleet: Fleet, pool: tuple[str, str], target: str,
     elif target == "vllm alone":
         url = vllm
     else:
-        url = fleet.proxy([("llama", "llamacpp", llama), ("vllm", "vllm", vllm)], target)[1]
+        url = fleet.proxy([("llama", "llamacpp", llama), ("vllm", "vllm", vllm)], target,
+                          access_log=args.trace is not None)[1]
+    sampler = None
+    if args.trace is not None and target not in TARGETS[:2]:
+        sampler = Sampler(url, args.trace / f"{'-'.join(pool)}-{target}-backends.jsonl")
     try:
         level = asyncio.run(agent_sessions(
             Target(target, url),
@@ -55,7 +65,12 @@ def run(fleet: Fleet, pool: tuple[str, str], target: str,
             conversations=args.conversations, turns=args.turns,
             prefix_tokens=args.prefix, first_turn_tokens=args.opening, timeout_s=900,
             think_s=args.think_ms / 1000 / fleet.speed, show_progress=False))
+        if args.trace is not None:
+            trace(args.trace / f"{'-'.join(pool)}-{target}", level.records, level.started,
+                  None if sampler is None else fleet.log_of(url))
     finally:
+        if sampler is not None:
+            sampler.stop()
         fleet.stop_all()
         fleet.procs.clear()
     speed = fleet.speed
@@ -88,6 +103,51 @@ def run(fleet: Fleet, pool: tuple[str, str], target: str,
     }
 
 
+class Sampler:
+    """Polls the proxy's /admin/backends every 50 ms into a JSON-lines file while a run
+    goes: what each backend held, its prefill backlog and what the policy had learned
+    (in flight, backlog, prefill speed, typical uncached prompt, curves)."""
+
+    KEYS = ("in_flight", "prefill_backlog_chars", "prefill_chars_per_s", "mean_uncached_chars",
+            "ttft_s", "decode_tok_s", "ttft_curve", "throughput_curve")
+
+    def __init__(self, url: str, path: Path) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(url, path), daemon=True)
+        self._thread.start()
+
+    def _poll(self, url: str, path: Path) -> None:
+        with httpx.Client(timeout=5) as client, path.open("w") as out:
+            while not self._done.wait(0.05):
+                try:
+                    views = client.get(url + "/admin/backends").json()["backends"]
+                except (httpx.HTTPError, ValueError, KeyError):
+                    continue  # the proxy is starting or stopping
+                line = {"t": time.perf_counter(),
+                        **{b["name"]: {k: b.get(k) for k in self.KEYS} for b in views}}
+                out.write(json.dumps(line) + "\n")
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+
+def trace(prefix: Path, records: list[RequestRecord], started: float,
+          proxy_log: Path | None) -> None:
+    """Every request of a run (perf_counter times, as the sampler's) and the proxy's
+    access log, for reading a run's routing afterwards (--trace)."""
+    with Path(f"{prefix}-requests.jsonl").open("w") as out:
+        # the access log's times are wall-clock: this line maps them to perf_counter's
+        out.write(json.dumps({"clock": {"perf_counter": time.perf_counter(),
+                                        "time": time.time()}}) + "\n")
+        for r in records:
+            out.write(json.dumps({"t0": r.t0, "since_start": r.t0 - started, "turn": r.turn,
+                                  "backend": r.backend, "ttft": r.ttft, "e2el": r.e2el,
+                                  "prompt_tokens": r.prompt_tokens, "ok": r.ok}) + "\n")
+    if proxy_log is not None:
+        shutil.copy(proxy_log, f"{prefix}-proxy.log")
+
+
 def show(title: str, results: dict[str, dict[str, Any]]) -> None:
     print(f"\n## {title}\n")
     print(f"{'target':<14} {'turn 1 TTFT':>11} {'turns 2+ mean':>13} {'p50':>7} {'p99':>7} "
@@ -116,9 +176,14 @@ def main() -> None:
     parser.add_argument("--output", type=int, default=128)
     parser.add_argument("--think-ms", type=float, default=5000)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--trace", type=Path, help="a folder: every request, the proxy's "
+                        "access log and /admin/backends every 50 ms, per pool and target")
     args = parser.parse_args()
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(args.speed, Path(tempfile.mkdtemp(prefix="sluiceway-agents-")))
-    report: dict[str, Any] = {"args": vars(args) | {"json": None}, "pools": {}}
+    report: dict[str, Any] = {"args": vars(args) | {"json": None, "trace": None},
+                              "pools": {}}
     try:
         for name in args.pools.split(","):
             pool = POOLS[name]

@@ -92,6 +92,10 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
+    def log_of(self, url: str) -> Path:
+        """Where the output of the process serving `url` (started here) goes."""
+        return next(self.workdir.glob(f"*-{url.rsplit(':', 1)[1]}.log"))
+
     def _start(self, args: list[str], ready: str) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
         log = (self.workdir / f"{args[0]}-{port}.log").open("wb")
@@ -127,17 +131,21 @@ class Fleet:
         return url
 
     def proxy(self, backends: list[tuple[str, str, str]], policy: str,
-              affinity: bool = True, model: str = "m") -> tuple[subprocess.Popen[bytes], str]:
+              affinity: bool = True, model: str = "m", access_log: bool = False,
+              ) -> tuple[subprocess.Popen[bytes], str]:
+        """A fresh `sluiceway serve`; its output (with `access_log`, one JSON line per
+        request) goes to `self.log_of(url)`."""
         lines = [f'[routing]\npolicy = "{policy}"\naffinity = {str(affinity).lower()}',
-                 "[server]\naccess_log = false", "[health]\ninterval_s = 1"]
+                 f"[server]\naccess_log = {str(access_log).lower()}",
+                 "[health]\ninterval_s = 1"]
         for name, kind, url in backends:
             cap = "\nmax_concurrency = 1024" if kind == "vllm" else ""
             lines.append(f'[[backends]]\nname = "{name}"\nkind = "{kind}"\nurl = "{url}"\n'
                          f'models = ["{model}"]{cap}')
         config = self.workdir / f"proxy-{policy}-{free_port()}.toml"
         config.write_text("\n".join(lines) + "\n")
-        return self._start(["serve", "--config", str(config), "--log-level", "warning"],
-                           "/ready")
+        return self._start(["serve", "--config", str(config), "--log-level",
+                            "info" if access_log else "warning"], "/ready")
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         proc.terminate()

@@ -233,9 +233,11 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
 
 
 def test_demo_quick_end_to_end(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--quick", "--out",
-                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=180)
+    # --speed 4, not the quick demo's 8: there the proxy relays ~14,000 tokens/s at c=32,
+    # and with two busy loops beside it on two cores the pool read 0.90x its best member
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--quick", "--speed",
+                          "4", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "llamacpp-q4km tok/s" in out.stdout and "vllm-fp8-aiter tok/s" in out.stdout
     report = json.loads((tmp_path / "demo.json").read_text())
@@ -247,9 +249,8 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert by[("llamacpp-q4km", 32)]["output_throughput"] / speed < 320
     # the promise, from a freshly started proxy with every request counted: the pool is
     # as good as its best member at each level. The margin is wider than in
-    # tests/test_promise.py: the demo runs at --speed 8 on a machine that may be busy, and
-    # 16 requests at c=1 carry one probe of llama.cpp. Measured 0.99-1.01x; the policy
-    # before the kind shapes gave 0.85x at c=8.
+    # tests/test_promise.py: the demo measures each target once, on a machine that may be
+    # busy. Measured 0.99-1.01x; the policy before the kind shapes gave 0.85x at c=8.
     for c in (1, 8, 32):
         best = max(by[(name, c)]["output_throughput"]
                    for name in ("vllm-fp8-aiter", "llamacpp-q4km"))

@@ -48,7 +48,8 @@ class BackendStats:
     """TTFT and per-stream decode speed, plus plain counters for the admin view."""
 
     __slots__ = ("completed", "curve", "decode_tok_s", "failed", "output_tokens",
-                 "prefill_chars_per_s", "tokens_per_byte", "ttft_s", "uncached_chars")
+                 "prefill_chars_per_s", "prefill_overhead_s", "tokens_per_byte", "ttft_s",
+                 "uncached_chars")
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.ttft_s = Ewma(alpha)
@@ -56,9 +57,13 @@ class BackendStats:
         self.output_tokens = Ewma(alpha)  # typical reply length, for requests without one
         # prompt tokens per request-body byte, from usage: sizes prompts (proxy/clamp.py)
         self.tokens_per_byte = Ewma(alpha)
-        # prefill speed in request-body bytes per second of TTFT (the TTFT also holds
-        # queueing and one decode step, so this errs low: moving a session looks dearer)
+        # prefill speed in request-body bytes per second of TTFT, less the part of a TTFT
+        # that does not grow with the prompt (`prefill_overhead_s`) once calibration has
+        # measured it; a TTFT also holds queueing, so this still errs low under load
         self.prefill_chars_per_s = Ewma(alpha)
+        # what a TTFT holds besides prefill (HTTP, scheduling, one decode step): the
+        # intercept of two calibration probes of different prompt sizes; None: unmeasured
+        self.prefill_overhead_s: float | None = None
         # the typical uncached prompt behind the learned TTFTs: a request that brings more
         # (or less) to prefill waits longer (or shorter) than the TTFT curve says
         self.uncached_chars = Ewma(alpha)
@@ -89,7 +94,7 @@ class BackendStats:
         if result.outcome == "ok" and result.output_tokens:
             self.output_tokens.add(result.output_tokens)
         if result.prefilled_chars and result.ttft_s:
-            self.prefill_chars_per_s.add(result.prefilled_chars / result.ttft_s)
+            self.prefill_chars_per_s.add(result.prefilled_chars / self._prefill_s(result.ttft_s))
         if result.uncached_chars is not None and result.ttft_s is not None:
             self.uncached_chars.add(result.uncached_chars)
         if result.prompt_tokens > 0 and result.body_bytes > 0:
@@ -97,13 +102,35 @@ class BackendStats:
         if result.concurrency is not None and result.outcome == "ok":
             self.curve.observe(result.concurrency, rate, result.ttft_s)
 
+    def calibrate_prefill(self, short: tuple[float, float], long: tuple[float, float]) -> bool:
+        """Two probes of (body bytes, TTFT) on an idle backend, the second with a longer
+        prompt: the prefill speed is the slope between them and the overhead their
+        intercept. From one short probe alone, bytes / TTFT is mostly overhead on a fast
+        prefiller (vLLM's ~300-token probe prefills in ~2 ms of a ~8 ms TTFT at --speed 4),
+        which made vLLM look 1.3-3.9x as fast as llama.cpp where it is 7.2x, and sent agent
+        openings to llama.cpp too soon. False (nothing changed) when the longer prompt did
+        not take longer."""
+        (chars_a, ttft_a), (chars_b, ttft_b) = short, long
+        if chars_b <= chars_a or ttft_b <= ttft_a:
+            return False
+        rate = (chars_b - chars_a) / (ttft_b - ttft_a)
+        self.prefill_chars_per_s.value = rate
+        self.prefill_overhead_s = max(0.0, ttft_a - chars_a / rate)
+        return True
+
+    def _prefill_s(self, ttft_s: float) -> float:
+        """The part of a TTFT spent prefilling: less the calibrated overhead, never under a
+        quarter of it (a TTFT near the overhead is mostly noise, or a cached prompt)."""
+        overhead = self.prefill_overhead_s or 0.0
+        return max(ttft_s - overhead, ttft_s / 4)
+
     _EWMAS = ("ttft_s", "decode_tok_s", "output_tokens", "tokens_per_byte",
               "prefill_chars_per_s", "uncached_chars")
 
     def state(self) -> dict[str, Any]:
         """What was learned (not the counters), as plain JSON-able data (cluster/)."""
         return {"ewma": {name: getattr(self, name).value for name in self._EWMAS},
-                "curve": self.curve.state()}
+                "curve": self.curve.state(), "prefill_overhead_s": self.prefill_overhead_s}
 
     def load(self, state: dict[str, Any]) -> None:
         """Take over what another replica learned; raises ValueError, KeyError or
@@ -111,9 +138,12 @@ class BackendStats:
         values = {name: state["ewma"][name] for name in self._EWMAS}
         curve = CurveLearner()
         curve.load(state["curve"])
+        raw = state.get("prefill_overhead_s")  # absent from a replica before it
+        overhead = None if raw is None else float(raw)
         for name, value in values.items():
             getattr(self, name).value = None if value is None else float(value)
         self.curve = curve
+        self.prefill_overhead_s = overhead
 
     def _whole_rate(self, duration_s: float, output_tokens: int) -> float:
         """A non-streamed reply shows no first token: its decode time is the duration less

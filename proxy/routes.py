@@ -108,6 +108,7 @@ def backend_view(s: BackendState) -> dict[str, Any]:
         "ttft_s": s.stats.ttft_s.value,
         "decode_tok_s": s.stats.decode_tok_s.value,
         "prefill_chars_per_s": s.stats.prefill_chars_per_s.value,
+        "prefill_overhead_s": s.stats.prefill_overhead_s,
         "mean_uncached_chars": s.stats.uncached_chars.value,
         "prefill_backlog_chars": s.backlog_chars,
         "throughput_curve": [list(p) for p in s.stats.curve.throughput_points()],

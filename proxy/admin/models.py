@@ -43,6 +43,7 @@ class BackendView(BaseModel):
     ttft_s: float | None
     decode_tok_s: float | None
     prefill_chars_per_s: float | None
+    prefill_overhead_s: float | None  # TTFT besides prefill, from calibration
     mean_uncached_chars: float | None
     prefill_backlog_chars: float  # of requests sent and not yet answered (BackendSnapshot)
     throughput_curve: list[tuple[int, float]]  # (concurrency, aggregate output tok/s)

@@ -19,13 +19,13 @@ between the two.
 
 The machine's own noise is measured, not assumed: the best member runs twice, before and
 after the pool, and the bound is MARGIN x their mean, less how far those two runs of the
-same backend differ (at most NOISE_CAP). With two busy-loop processes beside it, 64
-requests at c=32 read 0.93-1.00x (3 of 9 runs of this module under 0.97, one of them in a
-full suite): 32 streams of two requests each make the run's end hang on its slowest few,
-and vLLM alone differed by up to 3% between runs. 160 requests there make that end a
-smaller part of the run (0.975-1.03x in 4 runs beside the busy loops), and the second
-effect is now in the bound. On an idle machine the two runs of the best member
-agree within about 1%, so the bound stays near 0.97.
+same backend differ (at most NOISE_CAP). In a full suite with two busy-loop processes
+beside it, 64 requests at c=32 read 0.96x, and this module alone beside four or five busy
+loops 0.94-1.00x (1 of 6 runs under 0.97): 32 streams of two requests each make the run's
+end hang on its slowest few, and vLLM alone read up to 3% apart between runs. 160
+requests there make that end a smaller part of the run (0.975-1.03x in 4 runs beside six
+busy loops), and the second effect is now in the bound (3 runs beside seven: 0.996-1.022x
+at every level, the two best-member runs 0.1-3.0% apart).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from loadgen.local import free_port, pin, wait_http  # noqa: E402
+from loadgen.local import free_port, pin, spawn, wait_http  # noqa: E402
 from loadgen.workload import Workload  # noqa: E402
 from tests.realllama.build import cache_root  # noqa: E402
 from tests.realllama.server import prepare, server_args  # noqa: E402
@@ -116,10 +116,8 @@ class Servers:
               timeout_s: float = 120) -> str:
         port = free_port()
         cmd = command(port)
-        log = (self.workdir / f"{name}-{port}.log").open("wb")
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True,
-                                preexec_fn=lambda: os.sched_setaffinity(0, self.cpus))
+        proc = spawn(cmd, self.workdir / f"{name}-{port}.log", ROOT, self.cpus,
+                     new_session=True)
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc, timeout_s=timeout_s)

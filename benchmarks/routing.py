@@ -51,7 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from emulator.profile import get_profile  # noqa: E402
-from loadgen.local import free_port, pin, wait_http  # noqa: E402
+from loadgen.local import free_port, pin, spawn, wait_http  # noqa: E402
 from loadgen.record import RequestRecord  # noqa: E402
 from loadgen.runner import LevelResult, Target, agent_sessions, closed_loop  # noqa: E402
 from loadgen.summary import percentile  # noqa: E402
@@ -82,27 +82,25 @@ class Fleet:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
         self.engine_cpus = engine_cpus  # the real engines' CPUs (None: wherever this runs)
+        self.logs: dict[str, Path] = {}  # url -> the output of what serves it (_start)
 
     def _engine(self, cmd: list[str], log: Path,
                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        cpus = self.engine_cpus
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=None if cpus is None else
-                                (lambda: os.sched_setaffinity(0, cpus)))
+        proc = spawn(cmd, log, ROOT, self.engine_cpus, env)
         self.procs.append(proc)
         return proc
 
     def log_of(self, url: str) -> Path:
         """Where the output of the process serving `url` (started here) goes."""
-        return next(self.workdir.glob(f"*-{url.rsplit(':', 1)[1]}.log"))
+        return self.logs[url]
 
     def _start(self, args: list[str], ready: str) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
-        log = (self.workdir / f"{args[0]}-{port}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", *args, "--port",
-                                 str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log = self.workdir / f"{args[0]}-{port}.log"
+        proc = spawn([sys.executable, "-m", "proxy.cli", *args, "--port", str(port)], log, ROOT)
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
+        self.logs[url] = log
         wait_http(url + ready, proc)
         return proc, url
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,6 +46,16 @@ policy = "{policy}"
 [health]
 interval_s = 1
 """
+
+
+def spawn(cmd: list[str], log: Path, cwd: Path, cpus: set[int] | None = None,
+          env: dict[str, str] | None = None, new_session: bool = False,
+          ) -> subprocess.Popen[bytes]:
+    """Start a server with its output in `log`, on `cpus` if given (see pin())."""
+    return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=new_session,
+                            preexec_fn=None if cpus is None else
+                            (lambda: os.sched_setaffinity(0, cpus)))
 
 
 def pin(pinned: bool) -> set[int]:

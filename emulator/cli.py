@@ -17,6 +17,16 @@ from emulator.vllm import VllmServer
 
 DEFAULT_PORTS = {"llamacpp": 8080, "vllm": 8001}
 DEFAULT_MAX_NUM_SEQS = 1024  # vLLM's default on a 160 GB+ card such as the MI300X
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 16384  # vLLM's API-server default on such a card
+DEFAULT_BATCH_SIZE = 2048  # llama-server's -b/--batch-size (n_batch)
+
+
+def step_tokens(engine: str, batch_size: int | None = None,
+                max_num_batched_tokens: int | None = None) -> int:
+    """The most tokens one engine step holds (decodes plus prompt chunks)."""
+    if engine == "llamacpp":
+        return batch_size or DEFAULT_BATCH_SIZE
+    return max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp slots (-np); default: the profile's default_slots")
     parser.add_argument("--max-num-seqs", type=int, metavar="N",
                         help=f"vLLM running sequences (default {DEFAULT_MAX_NUM_SEQS})")
+    parser.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                        help="vLLM: tokens per engine step, decodes and prompt chunks "
+                             f"(chunked prefill; default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="llama.cpp: tokens per engine step, decodes and prompt chunks "
+                             f"(-b, n_batch; default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--model", default="qwen3.6-35b-a3b",
                         help="model name served (vLLM refuses other names with 404)")
     parser.add_argument("--ctx", type=int, default=32768,
@@ -62,12 +78,16 @@ def build(args: argparse.Namespace) -> EmulatedServer:
                            f"not {args.engine}")
     if args.speed <= 0:
         raise ProfileError("--speed must be positive")
+    for flag in ("max_num_batched_tokens", "batch_size", "max_num_seqs", "slots"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ProfileError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.engine == "llamacpp":
         running = args.slots or profile.default_slots or 4
     else:
         running = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
     options = Options(
         profile=profile, model=args.model, max_running=running, speed=args.speed,
+        step_tokens=step_tokens(args.engine, args.batch_size, args.max_num_batched_tokens),
         ctx=args.ctx, fail_rate=args.fail_rate, die_after_tokens=args.die_after_tokens,
         hang_after_tokens=args.hang_after_tokens, startup_delay_s=args.startup_delay,
         seed=args.seed, fault_control=args.fault_control,

@@ -1,11 +1,22 @@
 """A continuous-batching engine on a virtual clock that follows a performance profile.
 
 One task runs the step loop. A step admits waiting sequences while fewer than
-`max_running` run, prefills the newly admitted ones (which holds the step for
-`tokens / P`), and emits one token for every sequence already decoding; it lasts
+`max_running` run, emits one token for every sequence already decoding, and prefills
+prompts (which holds the step for `tokens / P`); it lasts
 `Profile.step_seconds(decoding, prefill_tokens) / speed`. Steps are scheduled on absolute
-times, so an event loop that wakes late catches up instead of drifting. A prefilled
-sequence gets its first token at the end of its prefill step, as in the real engines.
+times, so an event loop that wakes late catches up instead of drifting. A sequence gets
+its first token at the end of the step that finishes its prompt, as in the real engines.
+
+How much prompt a step takes is the engines' chunked prefill: a step holds at most
+`step_tokens` tokens, one per decoding sequence first, then prompt chunks of the running
+sequences in the order they were admitted, the first one's as much as fits (vLLM's
+`max_num_batched_tokens`, which its V1 scheduler fills with running requests in order,
+then waiting ones; llama-server's `n_batch`, filled with one token per generating slot,
+then slots' prompts). Prompts that arrive together are therefore served first come,
+first served: the first finishes after its own prefill, the last after all of them.
+`step_tokens=None` takes every admitted prompt whole in one step. vLLM also admits a
+waiting request only while the step has tokens left (`admit_within_budget`); llama-server
+gives a request a free slot at once.
 
 Time comes from a `Clock`: the wall clock when serving, a virtual one in the tests that
 check the timing model itself (no scheduler jitter in what they measure).
@@ -36,6 +47,7 @@ class Sequence:
         "first_token_at",
         "limit",
         "max_tokens",
+        "prefilled",
         "produced",
         "prompt",
         "slot",
@@ -47,6 +59,7 @@ class Sequence:
         self.limit = max_tokens if limit is None else limit  # what the client allowed
         self.produced = 0
         self.cached = 0  # prompt tokens found in the prefix cache
+        self.prefilled = 0  # prompt tokens computed so far (chunked prefill)
         self.cancelled = False
         self.slot: int | None = None
         self.arrived_at = monotonic()
@@ -62,6 +75,10 @@ class Sequence:
     @property
     def prefill_tokens(self) -> int:
         return max(1, len(self.prompt) - self.cached)  # the last token is always computed
+
+    @property
+    def prefill_left(self) -> int:
+        return self.prefill_tokens - self.prefilled if self.first_token_at is None else 0
 
 
 class Clock(Protocol):
@@ -93,10 +110,16 @@ class Engine:
         on_admit: AdmitHook | None = None,
         on_finish: FinishHook | None = None,
         clock: Clock | None = None,
+        step_tokens: int | None = None,
+        admit_within_budget: bool = False,
     ) -> None:
+        if step_tokens is not None and step_tokens < 1:
+            raise ValueError("step_tokens must be at least 1")
         self.profile = profile
         self.clock: Clock = clock or WallClock()
         self.max_running = max_running
+        self.step_tokens = step_tokens
+        self.admit_within_budget = admit_within_budget
         self.speed = speed
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -144,31 +167,55 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 next_at = clock.now()
-            prefilling = self._admit()
             decoding = [s for s in self.running if s.first_token_at is not None]
-            prefill = sum(s.prefill_tokens for s in prefilling)
+            chunks = self._plan(len(decoding))
+            prefill = sum(n for _, n in chunks)
             next_at += self.profile.step_seconds(len(decoding), prefill) / self.speed
             self.late_s += max(0.0, clock.now() - next_at)
             await clock.sleep_until(next_at)
-            self._emit(prefilling, decoding)
+            self._emit(chunks, decoding)
 
-    def _admit(self) -> list[Sequence]:
-        admitted = []
+    def _plan(self, decoding: int) -> list[tuple[Sequence, int]]:
+        """This step's prompt chunks: the running sequences' prompts in admission order,
+        then those of the sequences admitted now, within what the step's token budget
+        leaves after one token per decoding sequence."""
+        room = None if self.step_tokens is None else max(0, self.step_tokens - decoding)
+        chunks: list[tuple[Sequence, int]] = []
+
+        def take(seq: Sequence) -> None:
+            nonlocal room
+            n = seq.prefill_left if room is None else min(room, seq.prefill_left)
+            if n:
+                chunks.append((seq, n))
+                room = None if room is None else room - n
+
+        for seq in self.running:
+            take(seq)
         while self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting.popleft()
-            seq.admitted_at = self.clock.now()
-            self._on_admit(seq)  # sets the cached prefix (prompt cache lookup)
-            self.running.append(seq)
-            admitted.append(seq)
-        return admitted
+            if room == 0 and self.admit_within_budget:
+                break
+            take(self._admit())
+        return chunks
 
-    def _emit(self, prefilling: list[Sequence], decoding: list[Sequence]) -> None:
+    def _admit(self) -> Sequence:
+        seq = self.waiting.popleft()
+        seq.admitted_at = self.clock.now()
+        self._on_admit(seq)  # sets the cached prefix (prompt cache lookup)
+        self.running.append(seq)
+        return seq
+
+    def _emit(self, chunks: list[tuple[Sequence, int]], decoding: list[Sequence]) -> None:
         self.steps += 1
         now = self.clock.now()
-        for seq in prefilling:
-            if not seq.cancelled:
+        prefilled = []
+        for seq, n in chunks:
+            if seq.cancelled:
+                continue
+            seq.prefilled += n
+            if seq.prefilled >= seq.prefill_tokens:
                 seq.first_token_at = now
-        for seq in (*prefilling, *decoding):
+                prefilled.append(seq)
+        for seq in (*prefilled, *decoding):
             if seq.cancelled:
                 continue
             seq.produced += 1

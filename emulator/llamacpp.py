@@ -23,6 +23,7 @@ from emulator.server import DONE, EmulatedServer, HttpError, Job, Options, reply
 
 class LlamaCppServer(EmulatedServer):
     headers_before_first_token = False
+    admits_within_budget = False
 
     def __init__(self, options: Options) -> None:
         super().__init__(options)

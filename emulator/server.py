@@ -31,6 +31,7 @@ class Options:
     model: str
     max_running: int  # llama.cpp slots or vLLM max_num_seqs
     speed: float = 1.0
+    step_tokens: int | None = None  # llama.cpp n_batch or vLLM max_num_batched_tokens
     ctx: int = 32768  # context limit per request, prompt + reply
     fail_rate: float = 0.0
     die_after_tokens: int | None = None
@@ -91,7 +92,9 @@ class EmulatedServer(ABC):
         self.options = options
         self.profile = options.profile
         self.engine = Engine(options.profile, options.max_running, options.speed,
-                             on_admit=self.on_admit, on_finish=self.on_finish)
+                             on_admit=self.on_admit, on_finish=self.on_finish,
+                             step_tokens=options.step_tokens,
+                             admit_within_budget=self.admits_within_budget)
         self.started_at = time.monotonic()
         self.created = int(time.time())
         self._rng = random.Random(options.seed)
@@ -134,6 +137,12 @@ class EmulatedServer(ABC):
     @property
     @abstractmethod
     def headers_before_first_token(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def admits_within_budget(self) -> bool:
+        """Whether a waiting request starts only in a step with tokens to spare (vLLM's
+        scheduler) rather than as soon as it has a slot (llama-server)."""
 
     def ready(self) -> bool:
         return time.monotonic() - self.started_at >= self.options.startup_delay_s

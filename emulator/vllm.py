@@ -29,6 +29,7 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
 
 class VllmServer(EmulatedServer):
     headers_before_first_token = True
+    admits_within_budget = True
 
     def __init__(self, options: Options) -> None:
         super().__init__(options)

@@ -186,9 +186,10 @@ async def agent_sessions(
     first one `first_turn_tokens` if given (an agent's opening context: files, a task
     description). Each request asks for `reply_tokens` (drawn per turn; default
     `workload.output_len`). Between turns each agent waits a uniform random 0..`think_s`
-    seconds (running its tools), so turns arrive in no fixed order. Reports TTFT per
-    turn."""
-    rng = random.Random(seed)
+    seconds (running its tools), so turns arrive in no fixed order; not after its last
+    turn, so the run ends with its last reply. Each agent draws from its own generator
+    (seeded by `seed` and its index), so every target is sent the same sessions, turn by
+    turn, whatever order their replies come back in. Reports TTFT per turn."""
     # unique to this run, so a server's cache from an earlier run cannot serve it
     shared = f"session {RUN_NONCE}: " + words(prefix_tokens, random.Random(12345))
     url = target.url + workload.path
@@ -204,6 +205,7 @@ async def agent_sessions(
         started = perf_counter()
 
         async def run(index: int) -> None:
+            rng = random.Random(f"{seed}:{index}")
             conv = Conversation.start(index, shared)
             headers = _headers({"x-session-id": conv.session_id} if session_header else None)
             for turn in range(turns):
@@ -218,7 +220,7 @@ async def agent_sessions(
                 if not record.ok:
                     return
                 conv.answered("".join(record.text or []))
-                if think_s > 0:
+                if think_s > 0 and turn < turns - 1:
                     await asyncio.sleep(rng.uniform(0.0, think_s))
 
         await _with_progress(progress, asyncio.gather(*(run(i) for i in range(conversations))))

@@ -16,7 +16,7 @@ from loadgen.local import free_port
 from loadgen.record import Failure
 from loadgen.report import result_json
 from loadgen.runner import Target, agent_sessions, closed_loop, open_loop
-from loadgen.workload import Workload
+from loadgen.workload import Span, Workload
 from tests.conftest import Launcher, backend
 from tests.processes import ROOT
 
@@ -161,6 +161,32 @@ def test_agent_sessions_send_session_ids_and_report_turns(launch: Launcher) -> N
     history = stats["last_body"]["messages"]
     assert len(history) == 1 + 4 + 3  # system, 4 user turns, 3 replies before the last
     assert history[2]["role"] == "assistant" and history[2]["content"].startswith("tok0")
+
+
+def test_each_agent_is_the_same_session_in_every_run_and_ends_with_its_last_reply(
+        launch: Launcher) -> None:
+    """Each agent draws its turns (sizes, reply lengths, tool times) from its own seeded
+    generator: agent 0 of three sends what agent 0 alone sends, so targets that answer in
+    different orders are sent the same sessions (one generator shared by all agents gave
+    each the draws in the order replies came back, and the agent bench's whole-run rates
+    differed by up to 10% between targets from that alone). No tool time follows a
+    session's last turn: the run's duration ends with its last reply."""
+    up = launch.upstream("agent-draws", token_delay_ms=1)
+
+    def run(conversations: int) -> Any:
+        return asyncio.run(agent_sessions(
+            Target("t", up.url), WORKLOAD, conversations=conversations, turns=3,
+            prefix_tokens=50, timeout_s=20, show_progress=False, turn_tokens=Span(20, 200),
+            reply_tokens=Span(5, 40), think_s=0.5))
+
+    def turns(result: Any) -> set[tuple[int, int, int]]:
+        return {(r.turn, r.prompt_tokens, r.output_tokens) for r in result.records}
+
+    alone, among = run(1), run(3)
+    assert len(turns(alone)) == 3 and len(among.records) == 9
+    assert turns(alone) <= turns(among), (sorted(turns(alone)), sorted(turns(among)))
+    last_reply = max(r.t0 + (r.e2el or 0.0) for r in among.records)
+    assert among.started + among.duration - last_reply < 0.1
 
 
 def test_agent_shape_from_the_command_line(launch: Launcher, tmp_path: Path) -> None:

@@ -112,7 +112,8 @@ def test_a_burst_of_openings_spills_to_the_idle_slow_prefiller(launch: Launcher)
     7x faster on vLLM, but the eighth would wait for the seven ahead of it (3.5 s there
     against 3.6 s for its own prefill on the idle llama.cpp, in profile time). Without the
     backlog every opening saw an empty vLLM and all 8 went there (benchmarks/agents.py:
-    0% on llama.cpp; 1 of 8 sessions there with it, first turns 4.0 -> 3.6 s)."""
+    0% on llama.cpp; 1 of 8 sessions there with it, first turns 2.85-2.91 s on vLLM alone
+    -> 2.75-2.82 s, with the emulators prefilling first come, first served)."""
     # real time (speed 1): the openings' prefill on vLLM (0.5 s each) outlasts their
     # arrival however slowly a busy machine sends the 8 bodies
     llama = launch.emulator("llamacpp", "llamacpp-q4km", speed=1, model="m")

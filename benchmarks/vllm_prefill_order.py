@@ -26,7 +26,7 @@ from loadgen.local import free_port
 from tests.processes import Server
 from tests.realvllm.build import MODEL_NAME, artifacts
 from tests.realvllm.model import corpus
-from tests.realvllm.server import ENV, server_args
+from tests.realvllm.server import ENV, START_TIMEOUT_S, server_args
 
 PROMPTS = 4
 
@@ -76,17 +76,7 @@ def main() -> int:
     server = Server(args, port, Path("/tmp") / f"vllm-prefill-order-{port}.log",
                     program=str(real.vllm), env=ENV)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            print(server.output()[-2000:])
-            return 1
+        server.wait_listening(START_TIMEOUT_S)  # vLLM listens once its engine is up
         print(f"vLLM {real.version} (CPU), --max-num-batched-tokens {budget}: {PROMPTS} "
               f"prompts of ~{words} tokens sent together")
         for label in ("warm-up", "run 1", "run 2"):

@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo demo-quick test chaos soak lint typecheck llama-server vllm container-base \
 	debian-tools agents overhead crosscheck gpu-carry clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench,plot]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench,plot]'
 	touch $(STAMP)
 
 install: $(STAMP)

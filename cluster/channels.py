@@ -36,4 +36,4 @@ async def subscribe_forever(client: Redis, handlers: Mapping[str, Handler],
             await asyncio.sleep(retry_s)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()

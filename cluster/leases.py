@@ -44,10 +44,14 @@ from cluster.channels import subscribe_forever
 # the queue when refused, (with KEYS[5]) the session's new value and its ttl in s.
 # Granted only while the slots left outnumber the tickets ahead of this request's (all of
 # them for a request without one): the replicas' requests are served in the order they
-# first found the backend full, whichever replica frees a slot. Returns {1 if granted
-# else 0, the count the policy should see (held, plus the queue when refused), the
-# session's value before (absent when none)}. A grant publishes the new count and
-# records where the session went, in the same atomic step.
+# first found the backend full, whichever replica frees a slot. A replica's own tickets
+# are its places in that order, shared by its waiters: what is ahead is counted up to its
+# first ticket, so its local queue (which only asks with its head) can never be blocked
+# by one of its own tickets ahead of the head's (two joins in one millisecond rank by
+# name, "r0:t10" before "r0:t9": the slot stayed free 4.4 s with 23 requests waiting).
+# Returns {1 if granted else 0, the count the policy should see (held, plus the queue when
+# refused), the session's value before (absent when none)}. A grant publishes the new
+# count and records where the session went, in the same atomic step.
 _ACQUIRE = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -63,6 +67,15 @@ if KEYS[5] then before = redis.call('GET', KEYS[5]) end
 local held = redis.call('ZCARD', KEYS[1])
 local rank = redis.call('ZRANK', KEYS[3], ARGV[5])
 local ahead = rank or redis.call('ZCARD', KEYS[3])
+local mine = string.match(ARGV[5], '^(.*:)t%d+$')
+if rank and rank > 0 and mine then
+  for i, other in ipairs(redis.call('ZRANGE', KEYS[3], 0, rank - 1)) do
+    if string.sub(other, 1, #mine) == mine then
+      ahead = i - 1
+      break
+    end
+  end
+end
 if held + ahead < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], ms + ttl, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ttl * 2)

@@ -167,6 +167,12 @@ class Cluster:
             sessions.encode(session[1], session[2]), self.settings.session_ttl_s)
         if limit is None:  # no capacity known: nothing to count, only the session
             return True, None, await self._swap_session(stored) if stored else None
+        joining = self._joins.get(ticket) if ticket is not None else None
+        if joining is not None:
+            # its place lands in the queues before it asks: a grant then takes the ticket out.
+            # A join landing after the grant left the ticket at the head of the queue, where
+            # it held the backend's free slot from every replica until it expired (a TTL).
+            await asyncio.wait([joining])
         try:
             lease, count, before = await self._acquire(name, limit, stored, ticket)
         except (RedisError, OSError) as exc:

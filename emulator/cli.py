@@ -29,6 +29,14 @@ def step_tokens(engine: str, batch_size: int | None = None,
     return max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of a count flag: an integer >= 1 (argparse reports the flag)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(sorted(load_profiles()))
     parser.add_argument("--engine", required=True, choices=["llamacpp", "vllm"],
@@ -41,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="default: 8080 (llamacpp), 8001 (vllm)")
     parser.add_argument("--speed", type=float, default=1.0, metavar="X",
                         help="run X times faster than the profile (every duration / X)")
-    parser.add_argument("--slots", type=int, metavar="N",
+    parser.add_argument("--slots", type=at_least_one, metavar="N",
                         help="llama.cpp slots (-np); default: the profile's default_slots")
-    parser.add_argument("--max-num-seqs", type=int, metavar="N",
+    parser.add_argument("--max-num-seqs", type=at_least_one, metavar="N",
                         help=f"vLLM running sequences (default {DEFAULT_MAX_NUM_SEQS})")
-    parser.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+    parser.add_argument("--max-num-batched-tokens", type=at_least_one, metavar="N",
                         help="vLLM: tokens per engine step, decodes and prompt chunks "
                              f"(chunked prefill; default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
-    parser.add_argument("--batch-size", type=int, metavar="N",
+    parser.add_argument("--batch-size", type=at_least_one, metavar="N",
                         help="llama.cpp: tokens per engine step, decodes and prompt chunks "
                              f"(-b, n_batch; default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--model", default="qwen3.6-35b-a3b",
@@ -78,9 +86,6 @@ def build(args: argparse.Namespace) -> EmulatedServer:
                            f"not {args.engine}")
     if args.speed <= 0:
         raise ProfileError("--speed must be positive")
-    for flag in ("max_num_batched_tokens", "batch_size", "max_num_seqs", "slots"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ProfileError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.engine == "llamacpp":
         running = args.slots or profile.default_slots or 4
     else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
@@ -179,22 +180,14 @@ class Engine:
         """This step's prompt chunks: the running sequences' prompts in admission order,
         then those of the sequences admitted now, within what the step's token budget
         leaves after one token per decoding sequence."""
-        room = None if self.step_tokens is None else max(0, self.step_tokens - decoding)
+        room = math.inf if self.step_tokens is None else max(0, self.step_tokens - decoding)
         chunks: list[tuple[Sequence, int]] = []
-
-        def take(seq: Sequence) -> None:
-            nonlocal room
-            n = seq.prefill_left if room is None else min(room, seq.prefill_left)
-            if n:
-                chunks.append((seq, n))
-                room = None if room is None else room - n
-
         for seq in self.running:
-            take(seq)
+            room = _chunk(seq, room, chunks)
         while self.waiting and len(self.running) < self.max_running:
             if room == 0 and self.admit_within_budget:
                 break
-            take(self._admit())
+            room = _chunk(self._admit(), room, chunks)
         return chunks
 
     def _admit(self) -> Sequence:
@@ -225,3 +218,11 @@ class Engine:
                 seq.finished_at = now
                 self.running.remove(seq)
                 self._on_finish(seq)
+
+
+def _chunk(seq: Sequence, room: float, chunks: list[tuple[Sequence, int]]) -> float:
+    """Give `seq` as much of its prompt as `room` holds; return the room left."""
+    n = int(min(room, seq.prefill_left))
+    if n:
+        chunks.append((seq, n))
+    return room - n

@@ -245,13 +245,12 @@ def test_a_long_prompt_does_not_stall_the_other_slots() -> None:
     assert decoded >= 9, decoded
 
 
-def test_the_cli_sets_each_engines_step_budget() -> None:
+def test_the_cli_sets_each_engines_step_budget(capsys: pytest.CaptureFixture[str]) -> None:
     """`sluiceway emulate` builds vLLM with max_num_batched_tokens (16,384, its default on
-    a 160 GB card) and llama.cpp with n_batch (2,048); both flags override and refuse 0."""
+    a 160 GB card) and llama.cpp with n_batch (2,048); both flags override; they and the slot counts refuse 0."""
     import argparse
 
     from emulator.cli import add_arguments, build
-    from emulator.profile import ProfileError
 
     def engine(*argv: str) -> Engine:
         parser = argparse.ArgumentParser()
@@ -266,5 +265,8 @@ def test_the_cli_sets_each_engines_step_budget() -> None:
                   "--max-num-batched-tokens", "8192").step_tokens == 8192
     assert engine("--engine", "llamacpp", "--profile", "llamacpp-q4km",
                   "--batch-size", "512").step_tokens == 512
-    with pytest.raises(ProfileError, match="--max-num-batched-tokens must be at least 1"):
-        engine("--engine", "vllm", "--profile", "vllm-fp8", "--max-num-batched-tokens", "0")
+    for flag in ("--max-num-batched-tokens", "--batch-size", "--max-num-seqs", "--slots"):
+        with pytest.raises(SystemExit) as refused:
+            engine("--engine", "vllm", "--profile", "vllm-fp8", flag, "0")
+        assert refused.value.code == 2
+        assert f"argument {flag}: must be at least 1" in capsys.readouterr().err

@@ -11,9 +11,10 @@ ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 # the venv is built here, with compilers' leftovers and pip's cache, and only the venv
-# moves on to the runtime stage (same base image, so the same interpreter path)
+# moves on to the runtime stage (same base image, so the same interpreter path); its
+# dependencies are the versions in constraints.txt, the ones the suite passed on
 RUN python3 -m venv /opt/sluiceway
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy ./proxy
 COPY backends ./backends
 COPY policies ./policies
@@ -21,7 +22,7 @@ COPY emulator ./emulator
 COPY loadgen ./loadgen
 COPY cluster ./cluster
 RUN --mount=type=cache,target=/root/.cache/pip \
-    /opt/sluiceway/bin/pip wheel --wheel-dir /wheels . \
+    /opt/sluiceway/bin/pip wheel -c constraints.txt --wheel-dir /wheels . \
     && /opt/sluiceway/bin/pip install --no-index --find-links /wheels sluiceway \
     && find /opt/sluiceway -name __pycache__ -prune -exec rm -rf {} +
 

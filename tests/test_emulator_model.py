@@ -247,7 +247,8 @@ def test_a_long_prompt_does_not_stall_the_other_slots() -> None:
 
 def test_the_cli_sets_each_engines_step_budget(capsys: pytest.CaptureFixture[str]) -> None:
     """`sluiceway emulate` builds vLLM with max_num_batched_tokens (16,384, its default on
-    a 160 GB card) and llama.cpp with n_batch (2,048); both flags override; they and the slot counts refuse 0."""
+    a 160 GB card) and llama.cpp with n_batch (2,048); both flags override; they and the
+    slot counts refuse 0 with argparse's own error (exit 2)."""
     import argparse
 
     from emulator.cli import add_arguments, build

@@ -203,7 +203,9 @@ class LeaseStore:
         return [f"{self._prefix}:queue:{backend}", f"{self._prefix}:queue-expiry:{backend}"]
 
     def new_ticket(self) -> str:
-        """An id for a request's place in the queues (the same for all its tries)."""
+        """An id for a request's place in the queues (the same for all its tries). The
+        acquire script reads the replica from this form (`<replica id>:t<n>`): keep them
+        in step."""
         return f"{self.replica_id}:t{next(self._serial)}"
 
     def held(self, backend: str) -> int:

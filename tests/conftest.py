@@ -12,6 +12,7 @@ from tests.realllama.server import RealLlama, prepare, server_args
 from tests.realvllm import server as vllm_server
 from tests.realvllm.build import Artifacts as RealVllm
 from tests.realvllm.build import install as install_vllm
+from tests.redis_server import RedisServer
 
 
 class Launcher:
@@ -101,6 +102,15 @@ def module_launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher
     launcher = Launcher(tmp_path_factory.mktemp("servers"))
     yield launcher
     launcher.stop_all()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port (tests/redis_server.py), stopped at
+    teardown: the store that replicas share (tests of cluster/)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

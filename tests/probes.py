@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -25,13 +26,20 @@ def access_records(proxy: Server) -> list[dict[str, Any]]:
     exits) a moment before the proxy has written the request's line: the proxy releases
     the backend's slot and logs in one step of its event loop, so an idle proxy has
     logged everything."""
+    return [record for _, record in access_lines(proxy)]
+
+
+def access_lines(proxy: Server) -> list[tuple[float, dict[str, Any]]]:
+    """`access_records`, each with the wall-clock time its line was logged (the log
+    format's asctime, set in proxy/cli.py)."""
     if proxy.proc.poll() is None:
         wait_for(lambda: _idle(proxy), timeout_s=15)
     out = []
     for line in proxy.output().splitlines():
         at = line.find('{"request_id"')
         if at >= 0:
-            out.append(orjson.loads(line[at:]))
+            logged = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((logged, orjson.loads(line[at:])))
     return out
 
 

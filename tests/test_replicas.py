@@ -7,20 +7,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
-import pytest
 import redis as sync_redis
 
 from loadgen.local import free_port
 from tests.conftest import Launcher, backend
-from tests.probes import access_records
+from tests.probes import access_lines
 from tests.processes import Server
 from tests.redis_server import RedisServer
 
@@ -28,13 +24,6 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_t
         "stream": True}
 TTL_S = 2.0
 ORDER_MARGIN_S = 0.1  # arrivals closer than this may be served either way (see its test)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def replicas(launch: Launcher, redis: RedisServer | None, backends: list[dict[str, Any]],
@@ -51,15 +40,8 @@ def replicas(launch: Launcher, redis: RedisServer | None, backends: list[dict[st
 def arrivals(proxy: Server) -> dict[str, float]:
     """When each request (by its x-request-id) reached `proxy`, on the wall clock: its access
     line's time less its duration (once the proxy has logged everything)."""
-    access_records(proxy)  # waits until nothing is in flight
-    out = {}
-    for line in proxy.output().splitlines():
-        at = line.find('{"request_id"')
-        if at >= 0:
-            record = orjson.loads(line[at:])
-            logged = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            out[record["request_id"]] = logged - record["duration_ms"] / 1000
-    return out
+    return {record["request_id"]: logged - record["duration_ms"] / 1000
+            for logged, record in access_lines(proxy)}
 
 
 def chat(url: str, headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:

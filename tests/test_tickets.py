@@ -12,10 +12,7 @@ of the queue, where it held the backend's free slot from every replica until its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from redis.asyncio import Redis
 
 from backends.config import BackendConfig
@@ -23,13 +20,6 @@ from backends.pool import Pool
 from cluster.replica import Cluster
 from proxy.settings import ClusterSettings
 from tests.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def test_a_request_granted_while_its_join_is_on_its_way_leaves_no_ticket(

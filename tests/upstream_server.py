@@ -190,8 +190,8 @@ class Upstream:
                     return
                 if i == self.die_after_chunks:
                     raise ConnectionAbortedError("injected death mid-stream")
+                sent.append(time.perf_counter())  # before the write: see _record
                 await _body(send, shape.token(i))
-                sent.append(time.perf_counter())
                 self.events_sent += 1
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
@@ -201,19 +201,25 @@ class Upstream:
             if self.linger_s:  # the last event, then a pause before the end of the body
                 await _body(send, closing[-1])
                 await asyncio.sleep(self.linger_s)
+                end = time.perf_counter()
                 await send({"type": "http.response.body", "body": b""})
             else:
+                end = time.perf_counter()
                 await send({"type": "http.response.body", "body": closing[-1]})
             if sent:
-                self._record(arrival, sent)
+                self._record(arrival, sent, end)
         finally:
             watcher.cancel()
 
-    def _record(self, arrival: float, sent: list[float]) -> None:
-        """One finished stream's timing, in seconds on this process's perf_counter."""
+    def _record(self, arrival: float, sent: list[float], end: float) -> None:
+        """One finished stream's timing, in seconds on this process's perf_counter. Each
+        time is taken just before its write (a token's, the body's last): once the bytes
+        are out, the client may read them and finish before this process runs again (a
+        soak run saw the bench's whole-run span 1 ms shorter than the server's with the
+        end taken after the last write), so a client's times can only be later."""
         gaps = [b - a for a, b in itertools.pairwise(sent)]
         self.timings.append({
-            "arrival": arrival, "end": time.perf_counter(), "ttft": sent[0] - arrival,
+            "arrival": arrival, "end": end, "ttft": sent[0] - arrival,
             "tpot": (sent[-1] - sent[0]) / len(gaps) if gaps else 0.0,
             "e2el": sent[-1] - arrival, "median_itl": statistics.median(gaps) if gaps else 0.0,
         })

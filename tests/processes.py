@@ -56,14 +56,18 @@ class Server:
     def kill(self) -> None:
         """Die abruptly, as a crashed backend does."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # reaped meanwhile: see stop
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
 
     def stop(self, grace_s: float = 5) -> None:
         """SIGTERM to the whole process group, SIGKILL after `grace_s`; then what the
         process left in /dev/shm (Intel OpenMP registers each process there: vLLM)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            # poll() also answers None while another thread's wait() holds the process;
+            # that wait may reap it before this signal, which then finds no group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:

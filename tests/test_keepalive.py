@@ -91,11 +91,13 @@ def test_a_backend_that_dies_after_early_headers_ends_the_stream_in_band(
         launch: Launcher, slow: Server, api: str) -> None:
     proxy = launch.proxy([backend("slow", slow, apis=EVERY_API)],
                          server={"stream_keepalive_s": 0.3})
-    threading.Timer(1.2, slow.kill).start()  # mid-wait, after the headers went out
+    killer = threading.Timer(1.2, slow.kill)  # mid-wait, after the headers went out
+    killer.start()
     if api == "chat":
         with pytest.raises(APIError):  # the openai SDK raises the in-band error event
             list(OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0).chat
                  .completions.create(model="m", messages=PROMPT, max_tokens=4, stream=True))
+        killer.join(10)  # done killing before teardown stops the same process
         return
     resp = httpx.post(proxy.url + "/v1/messages", timeout=10, json={
         "model": "m", "stream": True, "max_tokens": 2, "messages": PROMPT})
@@ -107,12 +109,15 @@ def test_a_backend_that_dies_after_early_headers_ends_the_stream_in_band(
     again = launch.upstream("slow2", model="m", first_delay_ms=2500)
     proxy = launch.proxy([backend("slow2", again, apis=EVERY_API)],
                          server={"stream_keepalive_s": 0.3})
-    threading.Timer(1.2, again.kill).start()
+    killer.join(10)
+    killer = threading.Timer(1.2, again.kill)
+    killer.start()
     with pytest.raises(anthropic.APIStatusError, match=r"could not be reached|failed"), \
             anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0
                                 ).messages.stream(model="m", max_tokens=2,
                                                   messages=PROMPT) as stream:
         stream.get_final_message()
+    killer.join(10)
 
 
 @pytest.mark.parametrize(("client", "endpoint"), [("claude", "messages"),

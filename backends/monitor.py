@@ -91,6 +91,7 @@ class Monitor:
             models = await self._json(state, adapter.models_path)
             entries = models.get("data", []) if isinstance(models, dict) else []
             found.models = tuple(str(m["id"]) for m in entries if "id" in m)
+            found.models_listed = True
             lengths = [
                 m["max_model_len"] for m in entries if isinstance(m.get("max_model_len"), int)
             ]

@@ -90,6 +90,14 @@ class Pool:
     def knows_model(self, model: str) -> bool:
         return any(model in state.models for state in self._states.values())
 
+    def unlisted(self) -> list[str]:
+        """Backends taking requests that have not said yet which models they serve (none
+        configured, and no model list read: loading, or unreachable since the start). A
+        model that no backend lists may still be one of theirs."""
+        return [state.name for state in self._states.values()
+                if not state.config.models and not state.discovered.models_listed
+                and not state.draining and not state.removing]
+
     def acquire(self, name: str, prefill_chars: float = 0.0) -> float:
         """A slot taken for a request bringing `prefill_chars` body bytes to prefill;
         returns what that added to the backend's prefill backlog (give it back with

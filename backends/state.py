@@ -19,6 +19,7 @@ class Discovered:
     """What probing the backend found out; empty until the first successful probe."""
 
     models: tuple[str, ...] = ()
+    models_listed: bool = False  # its model list was read (it may be empty)
     max_model_len: int | None = None
     capacity: int | None = None
     running: int | None = None

@@ -27,6 +27,7 @@ from proxy.attempt import Attempt
 from proxy.errors import (
     ProxyError,
     method_not_allowed,
+    model_not_listed_yet,
     not_found,
     too_large,
     unauthorized,
@@ -186,6 +187,9 @@ class App:
             if model != asked:
                 client_request = client_request.aliased(model)
             if not gw.pool.knows_model(model):
+                unlisted = gw.pool.unlisted()
+                if unlisted:
+                    raise model_not_listed_yet(asked, unlisted)
                 raise unknown_model(asked, None if model == asked else model)
         except ProxyError as exc:  # bad input: answered by the caller, counted and logged here
             gw.metrics.requests.labels("none", endpoint.name, exc.outcome).inc()

@@ -68,6 +68,18 @@ def unknown_model(model: str, alias_of: str | None = None) -> ProxyError:
     return ProxyError(404, message, "invalid_request_error", "model_not_found", param="model")
 
 
+def model_not_listed_yet(model: str, unlisted: list[str]) -> ProxyError:
+    """No backend lists `model`, but some have not listed their models yet: it may be
+    theirs once they are up, so the answer is "retry", not "does not exist"."""
+    waiting = ", ".join(unlisted)
+    return ProxyError(
+        503, f"No backend lists the model {model!r} yet; these have not listed their "
+        f"models (loading, or not reachable since sluiceway started): {waiting}. Retry "
+        "shortly.", "server_error",
+        "model_not_listed_yet", param="model", retry_after_s=1,
+    )
+
+
 def not_found(path: str) -> ProxyError:
     return ProxyError(404, f"No route for {path}.", "invalid_request_error", "not_found")
 

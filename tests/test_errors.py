@@ -90,3 +90,36 @@ def test_messages_endpoint_errors_in_anthropic_shape(servers: tuple[Server, Serv
     assert resp.status_code == 400
     body = resp.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+
+
+def test_while_a_backend_loads_an_unlisted_model_is_retry_not_404(launch: Launcher) -> None:
+    """A llama-server still loading its model (503 "Loading model" on every path) has not
+    said which models it serves: until it has, a model that no backend lists may be its
+    own, so the answer is 503 + Retry-After (the SDKs retry it), not "does not exist".
+    (A soak run of `make test` met this: a request sent 50 ms after the proxy started, in
+    front of a llama-server still loading, got 404 for the model it serves.)"""
+    llama = launch.emulator("llamacpp", "llamacpp-q4km", startup_delay=8, speed=10)
+    proxy = launch.proxy([backend("llama", llama, kind="llamacpp")])
+    assert httpx.get(llama.url + "/health").status_code == 503, "loaded too soon to test"
+    chat = {"model": "qwen3.6-35b-a3b", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2}
+    early = httpx.post(proxy.url + "/v1/chat/completions", json=chat)
+    assert early.status_code == 503 and early.headers["retry-after"] == "1"
+    error = early.json()["error"]
+    assert error["code"] == "model_not_listed_yet" and error["param"] == "model"
+    assert "'qwen3.6-35b-a3b'" in error["message"] and error["message"].endswith(
+        "not reachable since sluiceway started): llama. Retry shortly.")
+    anthropic = httpx.post(proxy.url + "/v1/messages", json={**chat, "model": "other"},
+                           headers={"anthropic-version": "2023-06-01"})
+    assert anthropic.status_code == 503
+    assert anthropic.json()["error"]["type"] == "overloaded_error"
+    assert httpx.get(llama.url + "/health").status_code == 503, "loaded while testing"
+    # the official client retries on the 503 until the model is listed, then gets its reply
+    patient = OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=30, timeout=10)
+    reply = patient.chat.completions.with_raw_response.create(
+        model="qwen3.6-35b-a3b", messages=chat["messages"], max_tokens=2)
+    assert reply.http_response.status_code == 200 and reply.parse().choices[0].message.content
+    assert reply.retries_taken >= 1
+    # once every backend has listed its models, an unknown one is 404 again
+    unknown = httpx.post(proxy.url + "/v1/chat/completions", json={**chat, "model": "nope"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"

@@ -48,13 +48,15 @@ class Launcher:
     def llama_server(self, real: RealLlama, slots: int, wait: bool = True,
                      metrics: bool = True, extra: tuple[str, ...] = (),
                      ctx_per_slot: int = 2048) -> Server:
-        """A real llama.cpp `llama-server` on the test model (see tests/realllama)."""
+        """A real llama.cpp `llama-server` on the test model (see tests/realllama); `wait`:
+        until it has loaded the model (a test that routes to a still-loading server gets
+        503s and, before the proxy has read its model list, "retry" for every model)."""
         port = free_port()
         server = Server(server_args(real.model, port, slots, ctx_per_slot=ctx_per_slot,
                                     metrics=metrics, extra=extra), port,
                         self.workdir / f"llama-server-{port}.log", program=str(real.server))
         self.servers.append(server)
-        return server.wait_listening() if wait else server
+        return server.wait_listening(60, ready=True) if wait else server
 
     def vllm(self, real: RealVllm, max_num_seqs: int = 4, extra: tuple[str, ...] = (),
              agent: bool = False) -> Server:

@@ -36,18 +36,22 @@ class Server:
             start_new_session=True,
         )
 
-    def wait_listening(self, timeout_s: float = 20) -> Server:
+    def wait_listening(self, timeout_s: float = 20, ready: bool = False) -> Server:
+        """Until /health answers at all or, with `ready`, answers 200: llama-server listens
+        before its model is loaded and answers 503 "Loading model" until it is."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.output()}")
             try:
-                httpx.get(self.url + "/health", timeout=1)
-                return self
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200 or not ready:
+                    return self
             except httpx.TransportError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"server did not listen within {timeout_s} s:\n{self.output()}")
+        state = "was not ready" if ready else "did not listen"
+        raise RuntimeError(f"server {state} within {timeout_s} s:\n{self.output()}")
 
     def output(self) -> str:
         self._log_file.flush()

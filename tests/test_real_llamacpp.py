@@ -30,10 +30,6 @@ from tests.realllama.server import MODEL_ALIAS, RealLlama
 SYSTEM = ("You are a careful assistant for a software team. " * 12).strip()
 
 
-def wait_healthy(server: Server, timeout_s: float = 60) -> None:
-    wait_for(lambda: httpx.get(server.url + "/health", timeout=2).status_code == 200, timeout_s)
-
-
 def backend_view(proxy: Server, name: str = "llama") -> dict[str, Any]:
     view: dict[str, Any] = next(b for b in proxy.get("/admin/backends")["backends"]
                                 if b["name"] == name)
@@ -48,7 +44,6 @@ def processing(llama: Server) -> float:
 def served(module_launch: Launcher, real_llama: RealLlama) -> tuple[Server, Server]:
     """One llama-server with 2 slots behind sluiceway, shared by the API tests."""
     llama = module_launch.llama_server(real_llama, slots=2)
-    wait_healthy(llama)
     proxy = module_launch.proxy([backend("llama", llama, kind="llamacpp")])
     return llama, proxy
 
@@ -89,7 +84,6 @@ def test_health_is_loading_then_ok_and_capacity_comes_from_props(
 def test_load_is_read_from_metrics_or_slots(
         launch: Launcher, real_llama: RealLlama, metrics: bool) -> None:
     llama = launch.llama_server(real_llama, slots=2, metrics=metrics)
-    wait_healthy(llama)
     if not metrics:
         assert httpx.get(llama.url + "/metrics").status_code in (404, 501)
     proxy = launch.proxy([backend("llama", llama, kind="llamacpp")],
@@ -186,7 +180,6 @@ def test_completions_stream_and_non_stream(served: tuple[Server, Server]) -> Non
 
 def test_disconnect_mid_stream_frees_the_slot(launch: Launcher, real_llama: RealLlama) -> None:
     llama = launch.llama_server(real_llama, slots=1)
-    wait_healthy(llama)
     proxy = launch.proxy([backend("llama", llama, kind="llamacpp")])
     body = {"model": MODEL_ALIAS, "max_tokens": 4000, "stream": True,
             "messages": [{"role": "user", "content": "a very long answer"}]}
@@ -214,7 +207,6 @@ def test_disconnect_mid_stream_frees_the_slot(launch: Launcher, real_llama: Real
 def test_more_clients_than_slots_wait_in_sluiceway_not_in_llama(
         launch: Launcher, real_llama: RealLlama) -> None:
     llama = launch.llama_server(real_llama, slots=2)
-    wait_healthy(llama)
     proxy = launch.proxy([backend("llama", llama, kind="llamacpp")])
     assert backend_view(proxy)["capacity"] == 2
     client = sdk(proxy, timeout=120)
@@ -254,8 +246,6 @@ def test_growing_conversation_reuses_the_prompt_cache(
         launch: Launcher, real_llama: RealLlama) -> None:
     first = launch.llama_server(real_llama, slots=2)
     second = launch.llama_server(real_llama, slots=2)
-    wait_healthy(first)
-    wait_healthy(second)
     proxy = launch.proxy([backend("llama-a", first, kind="llamacpp"),
                           backend("llama-b", second, kind="llamacpp")])
     client = sdk(proxy, timeout=120)

@@ -88,8 +88,16 @@ class Launcher:
         return server.wait_listening()
 
     def stop_all(self) -> None:
+        """Stop every server this launcher started, in turn; one whose stop raises does
+        not leave the rest running: the first error is raised once all were stopped."""
+        errors: list[BaseException] = []
         for server in self.servers:
-            server.stop()
+            try:
+                server.stop()
+            except Exception as error:  # re-raised below, once the rest are stopped
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture

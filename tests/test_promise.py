@@ -26,6 +26,14 @@ end hang on its slowest few, and vLLM alone read up to 3% apart between runs. 16
 requests there make that end a smaller part of the run (0.975-1.03x in 4 runs beside six
 busy loops), and the second effect is now in the bound (3 runs beside seven: 0.996-1.022x
 at every level, the two best-member runs 0.1-3.0% apart).
+
+The pool's own run is noisy too: one soak run of the full suite beside two busy loops read
+0.951x at c=8 while the best member's two runs agreed within 0.2% (same shares as always:
+llama.cpp 4 of 24); the same test alone beside two busy loops then read 1.001-1.025x in 6
+of 6 runs. So the pool also runs twice, each time behind a fresh proxy (one before the
+best member's second run, one after), and the bound holds for their mean: one slow run
+among normal ones passes, a policy that loses every run (as the 0.945x above) still fails:
+with `round_robin` in place of `adaptive` all three levels fail (0.95x, 0.69x, 0.36x).
 """
 
 from __future__ import annotations
@@ -86,18 +94,25 @@ def test_pool_is_at_least_as_good_as_its_best_member(emulated_pool: Pool,
     vllm = whole_run(emulated_pool.vllm.url, concurrency)
     first, url = max((llama["output_throughput"], emulated_pool.llama.url),
                      (vllm["output_throughput"], emulated_pool.vllm.url))
-    proxy = emulated_pool.fresh_proxy()
-    try:
-        pool = whole_run(proxy.url, concurrency)
-    finally:
-        proxy.stop()
+    pool = [pool_run(emulated_pool, concurrency)]
     again = whole_run(url, concurrency)  # the best member once more: the machine's noise
-    for run in (llama, vllm, pool, again):
+    pool.append(pool_run(emulated_pool, concurrency))  # a second fresh proxy, after it
+    for run in (llama, vllm, again, *pool):
         assert run["failed"] == 0 and run["completed"] == REQUESTS[concurrency]
     best = (first + again["output_throughput"]) / 2
     noise = min(abs(first - again["output_throughput"]) / best, NOISE_CAP)
-    ratio = pool["output_throughput"] / best
-    shares = {name: b["share"] for name, b in pool["backends"].items()}
-    print(f"c={concurrency}: pool {ratio:.3f}x its best member (two runs {noise:.1%} apart), "
-          f"shares {shares}")
-    assert ratio >= MARGIN - noise, (ratio, noise, first, again["output_throughput"], shares)
+    each = [run["output_throughput"] / best for run in pool]
+    ratio = sum(each) / len(each)
+    shares = [{name: b["share"] for name, b in run["backends"].items()} for run in pool]
+    print(f"c={concurrency}: pool {ratio:.3f}x its best member (runs {each[0]:.3f}x and "
+          f"{each[1]:.3f}x; best member's two runs {noise:.1%} apart), shares {shares}")
+    assert ratio >= MARGIN - noise, (each, noise, first, again["output_throughput"], shares)
+
+
+def pool_run(pool: Pool, concurrency: int) -> dict:  # type: ignore[type-arg]
+    """One whole run through a freshly started (and calibrated) proxy."""
+    proxy = pool.fresh_proxy()
+    try:
+        return whole_run(proxy.url, concurrency)
+    finally:
+        proxy.stop()

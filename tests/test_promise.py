@@ -15,9 +15,9 @@ model is learned from noisy samples. (Before calibration a fresh proxy also paid
 request on the backend it had not measured: 1 of 16 at c=1 on vLLM, 9% slower alone; the
 proxy now measures both before it serves, as shipped, and these tests run it so.) Runs on
 an idle 2-core machine put the pool at 0.99x its best member at c=1, 1.01x at 8 and
-0.99-1.02x at 32. The code before the kind shapes of policies/priors.py gave 0.945x here
-at c=8 (llama.cpp took 3 of the first 8 streams; 0.85x on the AITER pool). 0.97 sits
-between the two.
+0.99-1.02x at 32 (the AITER pool: 0.996-1.003x). The code before the kind shapes of
+policies/priors.py gave 0.945x here at c=8 (llama.cpp took 3 of the first 8 streams;
+0.85x on the AITER pool). 0.97 sits between the two.
 
 The machine's own noise is measured, not assumed. The pool (each time behind a freshly
 started proxy) and its best member take turns, three whole runs each, and the medians are
@@ -29,8 +29,9 @@ member's runs agreed within 0.2%, and CI read two pool runs at c=32 as 1.019x an
 0.4%: one slow run can sink a mean of two, it cannot move a median of three. Alone, idle
 or beside two busy loops, the same runs read 0.99-1.02x at every level, the best member's
 runs 0.1-1.7% apart. A policy that loses every run still fails: with `round_robin` in
-place of `adaptive` all three levels fail (0.95x, 0.70x, 0.36x). (Earlier, 64 requests at
-c=32 let a run's end hang on its slowest few streams; 160 make that end a small part.)
+place of `adaptive` every level fails (0.95x, 0.70x, 0.36x; on the AITER pool 0.967x,
+0.58x, 0.28x). (Earlier, 64 requests at c=32 let a run's end hang on its slowest few
+streams; 160 make that end a small part.)
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,6 +127,20 @@ def test_framing_follows_the_spec_whatever_the_line_ends(
     import orjson
     assert [orjson.loads(e.data or b"") for e in got if e.data] == values
     assert all(e.name == b"x" for e in got if e.data)
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_a_name_read_apart_from_its_data_still_names_the_event(end: str) -> None:
+    """A read may end just after an `event:` line (the property test above found it: the
+    one-line fast path took the next read for a whole unnamed event); until the blank
+    line the framer is inside that event, so a relay that ends the stream there closes
+    it first."""
+    framer = Framer()
+    assert framer.feed(f"event: content_block_delta{end}".encode()) == []
+    assert framer.inside_event
+    got = framer.feed(b'data: {"a": 1}\n\n')
+    assert [(e.name, e.data) for e in got] == [(b"content_block_delta", b'{"a": 1}')]
+    assert not framer.inside_event
 
 
 def _events(stream: bytes) -> list[Any]:

@@ -43,7 +43,8 @@ class Framer:
     def feed(self, chunk: bytes) -> list[Event]:
         if not chunk:
             return []
-        if not (self._line or self._data or self._skip_lf) and chunk.startswith(b"data:") \
+        if not (self._line or self._data or self._name or self._skip_lf) \
+                and chunk.startswith(b"data:") \
                 and chunk.endswith(b"\n\n") and _CR not in chunk:
             if chunk.find(b"\n") == len(chunk) - 2:  # one event of one line: most reads
                 return [Event(chunk[6:-2] if chunk[5] == _SPACE else chunk[5:-2], b"",
@@ -84,8 +85,9 @@ class Framer:
 
     @property
     def inside_event(self) -> bool:
-        """Part of an event has been read but not its blank line."""
-        return bool(self._line or self._data)
+        """Part of an event (a field: its name counts) has been read but not its blank
+        line."""
+        return bool(self._line or self._data or self._name)
 
     def _field(self, line: bytes) -> None:
         if line[:1] == b":":

@@ -266,7 +266,8 @@ class Forwarder:
             outcome, fault = exc.outcome, exc.fault
             if translation is None:
                 lead = b"\n\n" if observer.mid_event else b""
-                tail = observer.complete_events() + lead + b"data: " + exc.body() + b"\n\n"
+                tail = observer.complete_events() + lead \
+                    + error_event(request.endpoint.name, exc)
             else:
                 tail = reshape.feed(observer.complete_events()) \
                     + reshape.error(exc.body(request.endpoint.anthropic))

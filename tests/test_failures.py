@@ -10,12 +10,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
 
 from loadgen.local import free_port
-from tests.conftest import Launcher, backend
+from tests.conftest import EVERY_API, Launcher, backend
 from tests.probes import sdk, wait_for
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -159,6 +160,39 @@ def test_upstream_death_mid_stream_ends_with_an_sse_error_event(launch: Launcher
     with pytest.raises(openai.APIError):
         list(sdk(proxy.url).chat.completions.create(model="m", messages=MSG,
                                                        max_tokens=10, stream=True))
+
+
+@pytest.mark.parametrize("api", ["messages", "responses"])
+def test_death_mid_stream_ends_in_the_error_event_of_the_clients_api(
+        launch: Launcher, api: str) -> None:
+    """A backend that serves Messages or Responses itself (as vLLM does) and dies mid-stream:
+    the stream ends with that API's `event: error` (the anthropic SDK raises it, the openai
+    SDK yields it as the Responses API's error event). An unnamed OpenAI-shaped `data:` event
+    is skipped by the anthropic SDK: the client would take the cut reply for a whole one."""
+    a = launch.upstream("a")
+    proxy = launch.proxy([backend("a", a, models=["m"], apis=EVERY_API)])
+    a.post("/_control", {"die_after_chunks": 3})
+    body: dict[str, object] = {"model": "m", "max_tokens": 10, "stream": True}
+    body.update({"messages": MSG} if api == "messages" else {"input": "hello"})
+    with httpx.stream("POST", f"{proxy.url}/v1/{api}", json=body, timeout=10) as resp:
+        assert resp.status_code == 200
+        blocks = resp.read().decode().split("\n\n")
+    assert blocks[-1] == ""
+    last = blocks[-2].splitlines()
+    assert last[0] == "event: error", blocks[-3:]
+    error = json.loads(last[1].removeprefix("data: "))
+    assert error["type"] == "error"
+    assert "could not be reached" in json.dumps(error) or "failed" in json.dumps(error)
+    if api == "messages":
+        with pytest.raises(anthropic.APIStatusError), anthropic.Anthropic(
+                base_url=proxy.url, api_key="unused", max_retries=0).messages.stream(
+                model="m", max_tokens=10, messages=MSG) as stream:  # type: ignore[arg-type]
+            stream.get_final_message()
+    else:  # the openai SDK hands the Responses API's error event on, as it does OpenAI's
+        events = list(sdk(proxy.url).responses.create(model="m", input="hello",
+                                                      max_output_tokens=10, stream=True))
+        assert events[-1].type == "error"
+        assert all(e.type != "response.completed" for e in events)
 
 
 def test_client_disconnect_reaches_the_upstream_within_a_second(launch: Launcher) -> None:

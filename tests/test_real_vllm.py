@@ -141,15 +141,13 @@ def test_models_lists_the_served_name_and_the_alias(proxy: Server) -> None:
 def test_load_and_kv_cache_are_read_from_vllm(proxy: Server, vllm: Server) -> None:
     """Four long streams at once: the proxy's view of the backend shows vLLM's own
     running gauge and a KV cache that fills; both fall back once the streams end."""
-    errors: list[BaseException] = []
-    clients = threading.Thread(target=lambda: errors.extend(run_clients(proxy, 4, 1500)))
-    clients.start()
+    clients = Clients(proxy, 4, 1500)
     try:
         wait_for(lambda: view(proxy)["upstream_running"] == 4, timeout_s=60)
         wait_for(lambda: (view(proxy)["kv_cache_usage"] or 0) > 0, timeout_s=30)
         assert gauges(proxy)["sluiceway_backend_kv_cache_usage"] > 0
     finally:
-        clients.join(180)
+        errors = clients.join()
     assert not errors
     wait_for(lambda: view(proxy)["upstream_running"] == 0, timeout_s=10)
 
@@ -243,16 +241,23 @@ def test_a_client_that_leaves_aborts_the_request_inside_vllm(
 
 
 class Clients:
-    """`n` streams sent at the same moment (each client made first, then a barrier), each
-    on its own thread; `join` waits for them and returns what they raised."""
+    """`n` streams, each on its own thread, sent at the same moment once every client is
+    made: at once, or at `go()` when `held`. Making an openai client takes seconds on a
+    2-core machine beside vLLM's busy engine, so a wave that must reach vLLM while another
+    holds it is made before that one starts. `join` waits for the streams and returns what
+    they raised."""
 
-    def __init__(self, proxy: Server, n: int, max_tokens: int, model: str = ALIAS) -> None:
+    def __init__(self, proxy: Server, n: int, max_tokens: int, model: str = ALIAS,
+                 held: bool = False) -> None:
         self.errors: list[BaseException] = []
-        barrier = threading.Barrier(n)
+        made = threading.Barrier(n + 1)
+        self._go = threading.Event()
 
         def one() -> None:
             client = sdk(proxy)
-            barrier.wait(30)
+            made.wait(60)
+            if not self._go.wait(120):
+                return
             try:
                 for _ in client.chat.completions.create(
                         model=model, messages=MSG, max_tokens=max_tokens, stream=True,
@@ -264,17 +269,18 @@ class Clients:
         self._threads = [threading.Thread(target=one) for _ in range(n)]
         for t in self._threads:
             t.start()
+        made.wait(60)
+        if not held:
+            self.go()
+
+    def go(self) -> None:
+        self._go.set()
 
     def join(self) -> list[BaseException]:
+        self.go()  # a held wave a failed test never released still ends
         for t in self._threads:
             t.join(180)
         return self.errors
-
-
-def run_clients(proxy: Server, n: int, max_tokens: int,
-                model: str = ALIAS) -> list[BaseException]:
-    """`n` streams at once, to their ends."""
-    return Clients(proxy, n, max_tokens, model).join()
 
 
 @pytest.mark.parametrize("cap", [0, 4])
@@ -286,11 +292,14 @@ def test_more_clients_than_max_num_seqs(launch: Launcher, vllm: Server, cap: int
     wait in sluiceway's admission queue, where another backend could still take them.
 
     That state is waited for, not caught by sampling: four long streams go first and hold
-    vLLM's four sequences (seen running) while four short ones follow, so all eight are in
-    at once however late the client's threads run. (Eight sent together once read 6 in
-    flight at most: a soak run beside two busy loops, where the last streams reached the
-    proxy after the first had ended.) A watcher checks that the limit on the other side is
-    never crossed in between."""
+    vLLM's four sequences (seen running) while four short ones follow. (Eight sent together
+    once read 6 in flight at most: a soak run beside two busy loops, where the last streams
+    reached the proxy after the first had ended.) The long streams last about 4 s here
+    (1,900 tokens at about 450 a second each), and beside two busy loops making the short
+    wave's four openai clients once took as long, so its streams arrived after the long ones
+    had ended: the short wave is made before the long one starts and only released when
+    vLLM runs four. A watcher checks that the limit on the other side is never crossed in
+    between."""
     proxy = launch.proxy([backend("vllm", vllm, kind="vllm", models=[MODEL_NAME],
                                   max_concurrency=cap)],
                          health={"interval_s": 0.1, "timeout_s": 2},
@@ -319,9 +328,11 @@ def test_more_clients_than_max_num_seqs(launch: Launcher, vllm: Server, cap: int
     watcher.start()
     waves: list[Clients] = []
     try:
+        short = Clients(proxy, 4, 100, MODEL_NAME, held=True)  # made now, sent below
+        waves.append(short)
         waves.append(Clients(proxy, 4, 1900, MODEL_NAME))  # 1,900 of the 2,048 context
         wait_for(lambda: view(proxy)["upstream_running"] == 4, timeout_s=60)
-        waves.append(Clients(proxy, 4, 100, MODEL_NAME))
+        short.go()
         if cap:
             wait_for(lambda: queued() == 4, timeout_s=30)
             state = view(proxy)

@@ -13,16 +13,23 @@ from redis.exceptions import RedisError
 log = logging.getLogger("sluiceway.cluster")
 
 Handler = Callable[[bytes], None]
+Listening = Callable[[bool], None]
 
 
 async def subscribe_forever(client: Redis, handlers: Mapping[str, Handler],
-                            retry_s: float = 0.5) -> None:
+                            retry_s: float = 0.5, listening: Listening | None = None) -> None:
     """Call `handlers[channel](data)` for every message on those channels, until
-    cancelled. Reconnects after a failure (a restarted Redis) every `retry_s`."""
+    cancelled. Reconnects after a failure (a restarted Redis) every `retry_s`.
+    `listening(True)` once subscribed; `listening(False)` as soon as that subscription
+    ends, every message Redis sent on it handled."""
     while True:
         pubsub = client.pubsub()
+        subscribed = False
         try:
             await pubsub.subscribe(*handlers)
+            subscribed = True
+            if listening is not None:
+                listening(True)
             async for message in pubsub.listen():
                 if message.get("type") != "message":
                     continue
@@ -33,7 +40,9 @@ async def subscribe_forever(client: Redis, handlers: Mapping[str, Handler],
                     handler(data if isinstance(data, bytes) else str(data).encode())
         except (RedisError, OSError) as exc:
             log.debug("cluster: lost the subscription (%s); subscribing again", exc)
-            await asyncio.sleep(retry_s)
         finally:
+            if subscribed and listening is not None:
+                listening(False)
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
+        await asyncio.sleep(retry_s)

@@ -11,7 +11,10 @@ The replica runs in one of three modes:
 - `partitioned` (Redis unreachable): each backend is limited to this replica's share of
   its capacity (`partition`: the shares of the live replicas, as last seen, sum to the
   capacity), never to the whole of it. The requests admitted meanwhile hold leases known
-  only here, and every renewal that reaches Redis again writes them there.
+  only here, and every renewal that reaches Redis again writes them there. The shares
+  admit nothing until the subscription has handled the last counts the lost Redis sent
+  (or `SETTLE_S` has passed): a grant another replica had just taken may still be on its
+  way, and the room left by the others is counted from what they held last.
 - `recovering` (Redis back): the shares still hold for one lease TTL, the time every
   replica needs to notice Redis is back and to write its requests there; then `shared`.
   So replicas that notice at different moments never count against different rules.
@@ -50,6 +53,9 @@ log = logging.getLogger("sluiceway.cluster")
 PUBLISH_EVERY_S = 0.25  # observations go out in batches this often
 PERSIST_EVERY_S = 5.0  # and the learned state is stored this often
 MAX_BATCH = 4096  # observations kept while Redis cannot take them
+# Redis lost: how long the counts it sent last may still be on their way (a subscription
+# to a Redis that died ends at once; one cut off in silence does not)
+SETTLE_S = 1.0
 
 
 class Mode(StrEnum):
@@ -79,6 +85,9 @@ class Cluster:
         # when Redis was lost: the other replicas' count on each backend, and until when
         # their requests from before may still run
         self._others_then: dict[str, tuple[int, float]] = {}
+        self.listening = False  # subscribed to the channels now
+        self.settling = False  # Redis lost: its last counts not yet all handled
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -119,7 +128,8 @@ class Cluster:
                     self.drains_channel: self._on_drain}
         self._tasks += [
             asyncio.create_task(self._refresh_forever(), name="cluster-refresh"),
-            asyncio.create_task(subscribe_forever(self._redis, handlers),
+            asyncio.create_task(subscribe_forever(self._redis, handlers,
+                                                  listening=self._on_listening),
                                 name="cluster-listen"),
             asyncio.create_task(self._share_forever(), name="cluster-share"),
         ]
@@ -129,6 +139,7 @@ class Cluster:
     async def close(self) -> None:
         """Stop the loops and hand back every lease and the heartbeat at once (SIGTERM:
         the drain has ended every request; the others need not wait for a TTL)."""
+        self._settled()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -257,7 +268,34 @@ class Cluster:
             self._pool.set_remote(name, max(0, count - self._store.held(name)))
 
     def _on_count(self, data: bytes) -> None:
-        LeaseStore.parse(data, self._view)
+        LeaseStore.parse(data, self._last_count if self.settling else self._view)
+
+    def _last_count(self, name: str, count: int) -> None:
+        """A count the lost Redis had sent before it went: the others' part is what they
+        hold at the loss (an upper bound: this replica's own releases that never reached
+        Redis are counted as theirs)."""
+        state = self._pool.get(name)
+        if state is None:
+            return
+        _, until = self._others_then.get(name, (0, 0.0))
+        if not until:
+            until = asyncio.get_running_loop().time() + self._drain_bound_s(state)
+        self._others_then[name] = (max(0, count - self._store.held(name)), until)
+
+    def _on_listening(self, listening: bool) -> None:
+        self.listening = listening
+        if not listening:
+            self._settled()  # every count the subscription will ever bring is handled
+
+    def _settled(self) -> None:
+        """The last counts are in (or `SETTLE_S` passed): the shares apply."""
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
+        if self.settling:
+            self.settling = False
+            if self.mode is not Mode.SHARED:
+                self._set_shares()
 
     def _capped(self) -> list[str]:
         return [s.name for s in self._pool if s.capacity is not None]
@@ -283,6 +321,7 @@ class Cluster:
             log.warning("cluster: Redis is back; shared leases again in %g s",
                         self.settings.lease_ttl_s)
         elif self.mode is Mode.RECOVERING and now - self._since >= self.settings.lease_ttl_s:
+            self._settled()
             self.mode, self.detail = Mode.SHARED, ""
             log.warning("cluster: shared leases again (%d live replicas)", len(self.replicas))
         if self.mode is Mode.SHARED:
@@ -303,9 +342,13 @@ class Cluster:
         # the pool's other connections died with this one (a restarted Redis): drop them
         # now, or each would fail once more after Redis is back
         self._spawn(self._reconnect())
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         self._others_then = {s.name: (s.remote_in_flight, now + self._drain_bound_s(s))
                              for s in self._pool if s.remote_in_flight}
+        if self.listening:  # what the subscription still holds is newer than that view
+            self.settling = True
+            self._settle_timer = loop.call_later(SETTLE_S, self._settled)
         self._set_shares()
         for state in list(self._pool):
             self._pool.set_remote(state.name, 0)
@@ -314,13 +357,16 @@ class Cluster:
                     len(self.replicas))
 
     async def _reconnect(self) -> None:
-        await self._redis.connection_pool.disconnect()
+        # idle ones only: the subscription's connection is in use, and cutting it would
+        # drop the counts it still holds unread (the last grants, which settling waits for)
+        await self._redis.connection_pool.disconnect(inuse_connections=False)
 
     def _set_shares(self) -> None:
         """Each backend's share for this replica. Right after Redis is lost, the others
         may still run more than their shares (admitted by leases before): until those
         requests have ended, this replica also keeps within what they left free
-        (capacity less their count as last seen), so the sum never passes the capacity."""
+        (capacity less their count as last seen), so the sum never passes the capacity.
+        While settling (the last counts not yet in), no share admits anything."""
         live = self.replicas
         now = asyncio.get_running_loop().time()
         for state in list(self._pool):
@@ -330,6 +376,8 @@ class Cluster:
             others, until = self._others_then.get(state.name, (0, 0.0))
             if share is not None and capacity is not None and now < until:
                 share = min(share, max(0, capacity - others))
+            if share is not None and self.settling:
+                share = 0
             self._pool.set_share(state.name, share)
 
     def _drain_bound_s(self, state: BackendState) -> float:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,10 +16,14 @@ from typing import Any
 import httpx
 import redis as sync_redis
 
+from backends.config import BackendConfig
+from backends.pool import Pool
+from cluster.replica import Cluster, Mode
 from loadgen.local import free_port
+from proxy.settings import ClusterSettings
 from tests.conftest import Launcher, backend
 from tests.probes import access_lines
-from tests.processes import Server
+from tests.processes import ROOT, Server
 from tests.redis_server import RedisServer
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
@@ -193,6 +199,67 @@ def test_redis_lost_the_shares_hold_capacity_and_redis_back_restores_leases(
         assert up.get("/_stats")["max_active"] == 4
         assert "sluiceway_cluster_partitioned 0.0" in httpx.get(a.url + "/metrics").text
     finally:
+        redis.stop()
+
+
+def test_grants_still_on_their_way_when_redis_dies_are_counted_before_a_share_admits(
+        tmp_path: Path) -> None:
+    """Another replica takes 3 of a backend's 4 slots and Redis dies before this replica
+    has handled the counts Redis sent it (its event loop busy meanwhile, as under load).
+    It admits nothing until its subscription has handled them, then only the one slot
+    left (the soak once saw the backend at 5 of 4 when a replica lost Redis just then).
+    In-process, so the order is exact: the loop is blocked from the other replica's
+    grants to the loss, which is reported as a failing Redis call reports it."""
+    redis = RedisServer(tmp_path / "redis").start()
+    holder: subprocess.Popen[str] | None = None
+
+    async def main() -> None:
+        nonlocal holder
+        pool = Pool([BackendConfig(name="a", url="http://127.0.0.1:9", models=("m",),
+                                   max_concurrency=4)])
+        cluster = Cluster(ClusterSettings(redis_url=redis.url, replica_id="r1",
+                                          lease_ttl_s=TTL_S), pool)
+        await cluster.start()
+        try:
+            counts = sync_redis.Redis(port=redis.port)
+            deadline = time.monotonic() + 5
+            while counts.pubsub_numsub("sluiceway:in_flight") != [(b"sluiceway:in_flight", 1)]:
+                assert time.monotonic() < deadline, "never subscribed"
+                await asyncio.sleep(0.02)
+            counts.close()
+            # blocking from here to the loss: the counts wait unread in the subscription
+            holder = subprocess.Popen(
+                [sys.executable, "-m", "tests.cluster_holder", redis.url, "a", "3",
+                 str(TTL_S)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            redis.stop()
+            cluster._unreachable(ConnectionError("Connection closed by server."))
+            assert cluster.mode is Mode.PARTITIONED
+
+            pool.acquire("a")  # a request's local slot, taken before its lease
+            granted, lease, _ = await cluster.take("a")
+            assert (granted, lease) == (False, None)  # the last counts are not in yet
+            pool.release("a", None)
+            deadline = time.monotonic() + 5
+            while not pool["a"].share:  # 0 while the last counts are read
+                assert time.monotonic() < deadline, "never settled"
+                await asyncio.sleep(0.01)
+            assert pool["a"].share == 1  # 4 less the 3 the other replica held
+
+            taken = []
+            for _ in range(2):
+                pool.acquire("a")
+                taken.append((await cluster.take("a"))[0])
+            assert taken == [True, False]
+        finally:
+            await cluster.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait(10)
         redis.stop()
 
 

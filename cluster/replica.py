@@ -85,8 +85,8 @@ class Cluster:
         # when Redis was lost: the other replicas' count on each backend, and until when
         # their requests from before may still run
         self._others_then: dict[str, tuple[int, float]] = {}
-        self.listening = False  # subscribed to the channels now
-        self.settling = False  # Redis lost: its last counts not yet all handled
+        self._listening = False  # subscribed to the channels now
+        self._settling = False  # Redis lost: its last counts not yet all handled
         self._settle_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -268,7 +268,7 @@ class Cluster:
             self._pool.set_remote(name, max(0, count - self._store.held(name)))
 
     def _on_count(self, data: bytes) -> None:
-        LeaseStore.parse(data, self._last_count if self.settling else self._view)
+        LeaseStore.parse(data, self._last_count if self._settling else self._view)
 
     def _last_count(self, name: str, count: int) -> None:
         """A count the lost Redis had sent before it went: the others' part is what they
@@ -279,11 +279,11 @@ class Cluster:
             return
         _, until = self._others_then.get(name, (0, 0.0))
         if not until:
-            until = asyncio.get_running_loop().time() + self._drain_bound_s(state)
+            until = self._drain_until(state, asyncio.get_running_loop().time())
         self._others_then[name] = (max(0, count - self._store.held(name)), until)
 
     def _on_listening(self, listening: bool) -> None:
-        self.listening = listening
+        self._listening = listening
         if not listening:
             self._settled()  # every count the subscription will ever bring is handled
 
@@ -292,8 +292,8 @@ class Cluster:
         if self._settle_timer is not None:
             self._settle_timer.cancel()
             self._settle_timer = None
-        if self.settling:
-            self.settling = False
+        if self._settling:
+            self._settling = False
             if self.mode is not Mode.SHARED:
                 self._set_shares()
 
@@ -344,10 +344,10 @@ class Cluster:
         self._spawn(self._reconnect())
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._others_then = {s.name: (s.remote_in_flight, now + self._drain_bound_s(s))
+        self._others_then = {s.name: (s.remote_in_flight, self._drain_until(s, now))
                              for s in self._pool if s.remote_in_flight}
-        if self.listening:  # what the subscription still holds is newer than that view
-            self.settling = True
+        if self._listening:  # what the subscription still holds is newer than that view
+            self._settling = True
             self._settle_timer = loop.call_later(SETTLE_S, self._settled)
         self._set_shares()
         for state in list(self._pool):
@@ -376,9 +376,14 @@ class Cluster:
             others, until = self._others_then.get(state.name, (0, 0.0))
             if share is not None and capacity is not None and now < until:
                 share = min(share, max(0, capacity - others))
-            if share is not None and self.settling:
+            if share is not None and self._settling:
                 share = 0
             self._pool.set_share(state.name, share)
+
+    def _drain_until(self, state: BackendState, now: float) -> float:
+        """When the requests the others ran on `state` at the loss of Redis are assumed
+        to have ended."""
+        return now + self._drain_bound_s(state)
 
     def _drain_bound_s(self, state: BackendState) -> float:
         """How long requests admitted before the loss of Redis are assumed to run: three

@@ -19,6 +19,7 @@ from loadgen.runner import Target, agent_sessions, closed_loop, open_loop
 from loadgen.workload import Span, Workload
 from tests.conftest import Launcher, backend
 from tests.processes import ROOT
+from tests.test_failures import metric
 
 WORKLOAD = Workload("chat", "m", input_len=64, output_len=20)
 
@@ -32,15 +33,15 @@ def level(url: str, concurrency: int, requests: int, workload: Workload = WORKLO
 
 
 def test_metrics_match_a_server_with_known_timing(launch: Launcher) -> None:
-    # first event after 100 ms, then one every 10 ms. The bench is compared with what the
+    # first event after 100 ms, then one every 50 ms. The bench is compared with what the
     # server recorded of each stream on its own clock, not with the nominal delays: a
     # 10 ms sleep takes 10.3 ms on an idle 2-core machine and more beside busy ones.
-    up = launch.upstream("known", first_delay_ms=100, token_delay_ms=10)
-    r = level(up.url, concurrency=4, requests=24)
-    assert r["completed"] == 24 and r["failed"] == 0
-    assert r["total_output_tokens"] == 24 * 20  # from usage, which the bench asks for
+    up = launch.upstream("known", first_delay_ms=100, token_delay_ms=50)
+    r = level(up.url, concurrency=4, requests=12)
+    assert r["completed"] == 12 and r["failed"] == 0
+    assert r["total_output_tokens"] == 12 * 20  # from usage, which the bench asks for
     server = up.get("/_stats")["timings"]
-    assert len(server) == 24
+    assert len(server) == 12
 
     def mean_ms(key: str) -> float:
         return 1000 * sum(t[key] for t in server) / len(server)
@@ -48,30 +49,55 @@ def test_metrics_match_a_server_with_known_timing(launch: Launcher) -> None:
     # the server did as asked, to within its event loop's timer granularity: uvloop (libuv)
     # schedules on a clock cached at the start of each loop pass, in whole milliseconds, so
     # a 100 ms sleep can end up to 1 ms early by perf_counter (CI saw a mean of 99.96 ms)
-    assert mean_ms("ttft") >= 99 and mean_ms("tpot") >= 9
-    # A client sees each event after the server sent it, by the loopback's and its own
-    # scheduling delay: a few ms at most. TTFT and E2EL carry that delay once per request
-    # (one-sided bound); TPOT and ITL are differences, so it cancels out but for jitter.
+    assert mean_ms("ttft") >= 99 and mean_ms("tpot") >= 49
+    # A client sees each event after the server sent it, by the loopback's and both event
+    # loops' scheduling delay. TTFT and E2EL carry that delay once per request: never
+    # less than the server's (a one-sided bound), and more by 2-10 ms a request (measured
+    # on an idle 2-core machine with 4 streams; a mean of 9.5 ms over failed the 5 ms this
+    # test once allowed, with tokens 10 ms apart). The ceiling is half a token's delay:
+    # far above that, and below a TTFT taken at the second event (50 ms late).
     for key in ("ttft", "e2el"):
-        assert mean_ms(key) <= r[f"mean_{key}_ms"] <= mean_ms(key) * 1.03 + 5, key
-    assert r["mean_tpot_ms"] == pytest.approx(mean_ms("tpot"), rel=0.03, abs=0.5)
+        assert mean_ms(key) <= r[f"mean_{key}_ms"] <= mean_ms(key) + 25, key
+    # TPOT and ITL are differences, where the delay cancels out but for jitter
+    assert r["mean_tpot_ms"] == pytest.approx(mean_ms("tpot"), rel=0.03)
     assert r["median_itl_ms"] == pytest.approx(
-        1000 * sorted(t["median_itl"] for t in server)[12], rel=0.05, abs=0.5)
+        1000 * sorted(t["median_itl"] for t in server)[6], rel=0.03)
     # the bench's run spans the server's (from the first arrival to the last stream's
     # end), a little longer: the connection's set-up and the last read
     span = max(t["end"] for t in server) - min(t["arrival"] for t in server)
-    assert 24 * 20 / span * 0.97 <= r["output_throughput"] <= 24 * 20 / span
+    assert 12 * 20 / span * 0.97 <= r["output_throughput"] <= 12 * 20 / span
     assert r["max_concurrent_requests"] == 4
 
 
 def test_metrics_match_an_emulated_vllm(launch: Launcher) -> None:
     vllm = launch.emulator("vllm", "vllm-fp8-aiter", speed=4, model="m")
-    r = level(vllm.url, concurrency=1, requests=12,
-              workload=Workload("chat", "m", input_len=512, output_len=128), warmup=1)
+    workload = Workload("chat", "m", input_len=512, output_len=128)
+    level(vllm.url, concurrency=1, requests=1, workload=workload)  # warm-up, not measured
+    e2e_before = metric(vllm.url, "vllm:e2e_request_latency_seconds_sum")
+    r = level(vllm.url, concurrency=1, requests=12, workload=workload)
+    assert r["completed"] == 12 and r["failed"] == 0
+    assert r["total_input_tokens"] == 12 * 512  # the server's count, from usage
+    assert r["total_output_tokens"] == 12 * 128
+    # The profile, on the emulator's own clock: one step prefills the 512 tokens at
+    # 40,000 tok/s and gives the first token, then 127 decode steps of 1 / 122.5 s, all
+    # divided by the speed. The engine schedules its steps on absolute times, so only the
+    # first wake and the last step can run late.
+    busy_s = metric(vllm.url, "vllm:e2e_request_latency_seconds_sum") - e2e_before
+    model_s = (512 / 40_000 + 127 / 122.5) / 4
+    assert model_s - 0.001 <= busy_s / 12 <= model_s * 1.05
     # single stream: TPOT is 1 / T_dec(1) = 1 / 122.5 s, divided by the speed
     assert r["mean_tpot_ms"] == pytest.approx(1000 / 122.5 / 4, rel=0.05)
-    assert r["output_throughput"] == pytest.approx(121 * 4, rel=0.05)
-    assert r["total_input_tokens"] == 12 * 512  # the server's count, from usage
+    # The bench's output throughput against what the server did. The profile says nothing
+    # of the time between the server's requests (the client uploading a 512-token prompt,
+    # the server parsing it, the next request's turnaround: 8-17 ms a request measured on
+    # a 2-core machine, 3-6% of a request here), so comparing with 121 tok/s x 4 left the
+    # check to luck. One stream at a time: the run spans every request the server timed,
+    # so the bench can never report more than the server's busy time allows; and since a
+    # closed loop keeps its stream busy, not much less. The floor leaves 20% of the run
+    # outside the server's requests; 4% here idle, about 6% in the soak run that failed.
+    assert r["mean_e2el_ms"] >= 1000 * busy_s / 12
+    ceiling = 12 * 128 / busy_s
+    assert 0.8 * ceiling <= r["output_throughput"] <= ceiling
 
 
 def test_every_failure_class_is_counted(launch: Launcher) -> None:
@@ -101,9 +127,9 @@ def test_json_has_the_vllm_bench_keys(launch: Launcher) -> None:
             "request_throughput", "request_goodput", "output_throughput",
             "total_token_throughput", "max_output_tokens_per_s", "max_concurrent_requests",
             "rtfx", "queue_times", "latencies"]
-    for metric in ("ttft", "tpot", "itl", "e2el"):
-        keys += [f"mean_{metric}_ms", f"median_{metric}_ms", f"std_{metric}_ms",
-                 f"p50_{metric}_ms", f"p99_{metric}_ms"]
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        keys += [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms",
+                 f"p50_{name}_ms", f"p99_{name}_ms"]
     assert [k for k in keys if k not in r] == []
     assert r["request_rate"] == "inf" and r["max_concurrency"] == 2
     assert r["endpoint_type"] == "openai-chat" and r["request_goodput"] is None

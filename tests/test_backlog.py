@@ -107,24 +107,29 @@ async def _burst(url: str, sessions: int, tokens: int) -> list[httpx.Response]:
 
 
 def test_a_burst_of_openings_spills_to_the_idle_slow_prefiller(launch: Launcher) -> None:
-    """8 agent openings of 20k tokens at once on a fresh, calibrated proxy over llama.cpp
+    """12 agent openings of 20k tokens at once on a fresh, calibrated proxy over llama.cpp
     (prefills 5,555 tokens/s) and stock vLLM FP8 (40,000 tokens/s): each alone prefills
-    7x faster on vLLM, but the eighth would wait for the seven ahead of it (3.5 s there
-    against 3.6 s for its own prefill on the idle llama.cpp, in profile time). Without the
-    backlog every opening saw an empty vLLM and all 8 went there (benchmarks/agents.py:
-    0% on llama.cpp; 1 of 8 sessions there with it, first turns 2.85-2.91 s on vLLM alone
-    -> 2.75-2.82 s, with the emulators prefilling first come, first served)."""
+    7.2x faster on vLLM, so the k-th opening sent there waits for the k-1 ahead of it, and
+    once k is past the speed ratio the idle llama.cpp is quicker for it. Without the
+    backlog every opening saw an empty vLLM and all went there (benchmarks/agents.py, 8
+    openings: 0% on llama.cpp; 1 of 8 sessions there with it, first turns 2.85-2.91 s on
+    vLLM alone -> 2.75-2.82 s, with the emulators prefilling first come, first served).
+
+    12, not 8: a fresh proxy reads the ratio from its calibration probes, 6.8-8.9x
+    (docs/policies.md), so with 8 the eighth opening was a coin toss (a soak run beside two
+    busy loops calibrated 8.4x and sent all 8 to vLLM). With 12 the spill comes at the 8th
+    or 9th, whichever way the calibration reads, and the rest fit on vLLM again."""
     # real time (speed 1): the openings' prefill on vLLM (0.5 s each) outlasts their
-    # arrival however slowly a busy machine sends the 8 bodies
+    # arrival however slowly a busy machine sends the bodies
     llama = launch.emulator("llamacpp", "llamacpp-q4km", speed=1, model="m")
     vllm = launch.emulator("vllm", "vllm-fp8", speed=1, model="m")
     proxy = launch.proxy([backend("llama", llama, kind="llamacpp", models=["m"]),
                           backend("vllm", vllm, kind="vllm", models=["m"],
                                   max_concurrency=256)],
                          routing={"calibrate_tokens": 16})
-    replies = asyncio.run(_burst(proxy.url, 8, 20_000))
+    replies = asyncio.run(_burst(proxy.url, 12, 20_000))
     assert all(r.status_code == 200 for r in replies), [r.text[:200] for r in replies]
     served = Counter(r.headers["x-sluiceway-backend"] for r in replies)
-    assert 1 <= served["llama"] <= 3 and served["vllm"] >= 5, served
+    assert 1 <= served["llama"] <= 3 and served["vllm"] >= 9, served
     views = proxy.get("/admin/backends")["backends"]
     assert all(b["prefill_backlog_chars"] == 0.0 and b["in_flight"] == 0 for b in views)

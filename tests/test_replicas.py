@@ -377,32 +377,31 @@ def test_replicas_serve_a_full_backend_first_come_first_served(
     ~60 ms a request: served in the order they reached the replicas, whichever replica
     holds each, and the slot never idles while requests wait.
 
-    Served: the order of the replies' first bytes. Reached: each replica's own record (its
-    access line's time less the request's duration). Not the order the client sent them:
-    30 client threads starting up reach the replicas up to 150 ms out of the order they
-    were submitted in (a test that compared with the send order failed on an idle machine
-    with every reply in arrival order). Two requests that reached replicas within
-    ORDER_MARGIN_S of each other may go either way: each takes its place in Redis a moment
-    after it arrives (idle: swaps of at most 9 ms seen). Without the queue in Redis the
-    replica that frees the slot kept it for its own waiters: one request 24 places (1.4 s)
-    late. The longest gap between replies bounds an idle slot: a ticket left in the queue
-    by a request already served held the slot 2.2-4.6 s (test_tickets.py)."""
+    Served: the order the backend started them in, by its own record (the test upstream
+    notes each stream's arrival and x-request-id). Not the order of the replies' first bytes
+    at the client: beside two busy loops, one of 30 client threads read its first bytes
+    after those of the request the backend served next, about 60 ms later. Reached: each
+    replica's own record (its access line's time less the request's duration). Not the order
+    the client sent them: 30 client threads starting up reach the replicas up to 150 ms out
+    of the order they were submitted in (a test that compared with the send order failed on
+    an idle machine with every reply in arrival order). Two requests that reached replicas
+    within ORDER_MARGIN_S of each other may go either way: each takes its place in Redis a
+    moment after it arrives (idle: swaps of at most 9 ms seen). Without the queue in Redis
+    the replica that frees the slot kept it for its own waiters: one request 24 places
+    (1.4 s) late. The longest gap between the backend's starts bounds an idle slot: a ticket
+    left in the queue by a request already served held the slot 2.2-4.6 s (test_tickets.py)."""
     up = launch.upstream("a", token_delay_ms=10)
     proxies = replicas(launch, redis_server, [backend("a", up, models=["m"],
                                                        max_concurrency=1)], 3,
                        routing={"queue_timeout_s": 60})
     n = 30
-    first: dict[str, float] = {}
 
     def one(i: int) -> None:
         body = {**BODY, "max_tokens": 5, "messages": [{"role": "user", "content": f"r{i}"}]}
         with httpx.stream("POST", proxies[i % 3].url + "/v1/chat/completions", json=body,
                           headers={"x-request-id": f"r{i}"}, timeout=60) as reply:
             assert reply.status_code == 200
-            chunks = reply.iter_bytes()
-            next(chunks)
-            first[f"r{i}"] = time.monotonic()
-            for _ in chunks:
+            for _ in reply.iter_bytes():
                 pass
 
     with ThreadPoolExecutor(n) as workers:
@@ -413,13 +412,14 @@ def test_replicas_serve_a_full_backend_first_come_first_served(
         for future in sent:
             future.result()
     reached = {r: t for proxy in proxies for r, t in arrivals(proxy).items()}
-    assert sorted(reached) == sorted(first)
-    served = sorted(first, key=first.__getitem__)
+    started = {t["request_id"]: t["arrival"] for t in up.get("/_stats")["timings"]}
+    assert sorted(reached) == sorted(started) == sorted(f"r{i}" for i in range(n))
+    served = sorted(started, key=started.__getitem__)
     overtaken = [(a, b, round(reached[a] - reached[b], 3))
                  for x, a in enumerate(served) for b in served[x + 1:]
                  if reached[a] - reached[b] > ORDER_MARGIN_S]
     assert not overtaken, overtaken  # (served first, yet reached later than, by s)
-    gaps = [first[b] - first[a] for a, b in itertools.pairwise(served)]
+    gaps = [started[b] - started[a] for a, b in itertools.pairwise(served)]
     assert max(gaps) < TTL_S / 2, max(gaps)
     assert up.get("/_stats")["max_active"] == 1
     client = sync_redis.Redis(port=redis_server.port)

@@ -35,7 +35,7 @@ class Upstream:
         # per finished stream, by the server's own clock: so timing tests compare a client's
         # figures with what really happened, not with the nominal delays (a sleep of 10 ms
         # takes 10.3 ms on a busy machine)
-        self.timings: list[dict[str, float]] = []
+        self.timings: list[dict[str, Any]] = []
         self.last_body: dict[str, Any] = {}
         self.last_headers: dict[str, str] = {}
         self.fail_status = 0
@@ -144,11 +144,13 @@ class Upstream:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            await self._answer(receive, send, path, req)
+            await self._answer(receive, send, path, req,
+                               self.last_headers.get("x-request-id", ""))
         finally:
             self.active -= 1
 
-    async def _answer(self, receive: Any, send: Any, path: str, req: dict[str, Any]) -> None:
+    async def _answer(self, receive: Any, send: Any, path: str, req: dict[str, Any],
+                      request_id: str) -> None:
         arrival = time.perf_counter()
         n = int(req.get("max_tokens") or req.get("max_completion_tokens")
                 or req.get("max_output_tokens") or 8)
@@ -207,11 +209,11 @@ class Upstream:
                 end = time.perf_counter()
                 await send({"type": "http.response.body", "body": closing[-1]})
             if sent:
-                self._record(arrival, sent, end)
+                self._record(arrival, sent, end, request_id)
         finally:
             watcher.cancel()
 
-    def _record(self, arrival: float, sent: list[float], end: float) -> None:
+    def _record(self, arrival: float, sent: list[float], end: float, request_id: str) -> None:
         """One finished stream's timing, in seconds on this process's perf_counter. Each
         time is taken just before its write (a token's, the body's last): once the bytes
         are out, the client may read them and finish before this process runs again (a
@@ -222,6 +224,7 @@ class Upstream:
             "arrival": arrival, "end": end, "ttft": sent[0] - arrival,
             "tpot": (sent[-1] - sent[0]) / len(gaps) if gaps else 0.0,
             "e2el": sent[-1] - arrival, "median_itl": statistics.median(gaps) if gaps else 0.0,
+            "request_id": request_id,
         })
         del self.timings[:-1000]
 
